@@ -118,3 +118,55 @@ def test_classifier_metrics():
     # confident, evenly spread predictions over N classes give an inception-style score close to N
     assert evaluation.inception_style_score(torch.eye(3) * 50) == pytest.approx(3.0, rel=1e-6)
     assert evaluation.inception_style_score(torch.zeros(4, 3)) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FID Inception
+
+KNOWN_FID_SHAPES = {  # from pytorch-fid's pt_inception-2015-12-05-6726825d.pth (torchvision inception_v3 layout)
+    "Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3),
+    "Conv2d_1a_3x3.bn.running_var": (32,),
+    "Conv2d_4a_3x3.conv.weight": (192, 80, 3, 3),
+    "Mixed_5b.branch_pool.conv.weight": (32, 192, 1, 1),
+    "Mixed_6b.branch7x7_2.conv.weight": (128, 128, 1, 7),
+    "Mixed_6e.branch7x7dbl_5.conv.weight": (192, 192, 1, 7),
+    "Mixed_7a.branch3x3_2.conv.weight": (320, 192, 3, 3),
+    "Mixed_7b.branch3x3dbl_3b.conv.weight": (384, 384, 3, 1),
+    "Mixed_7c.branch_pool.conv.weight": (192, 2048, 1, 1),
+    "fc.weight": (1008, 2048),
+    "fc.bias": (1008,),
+}
+
+
+def test_fid_inception_accepts_the_weights_file_layout(tmp_path):
+    t0 = time.time()
+    model = evaluation.FIDInceptionV3()
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for k, shape in KNOWN_FID_SHAPES.items():
+        assert shapes[k] == shape, k
+    assert not any(k.startswith("AuxLogits") for k in shapes)  # the FID weights file has no aux head
+    assert sum(p.numel() for p in model.parameters()) == 23_850_960  # torchvision's no-aux count + 8 more fc rows
+    # a random state dict with exactly those keys and shapes (num_batches_tracked dropped, as in older files)
+    g = torch.Generator().manual_seed(0)
+    state = {k: (torch.rand(v.shape, generator=g) + 0.5) if "running_var" in k else torch.randn(v.shape, generator=g) * 0.05
+             for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path / evaluation.FID_WEIGHTS_FILE
+    torch.save(state, path)
+    net = evaluation.load_fid_inception(path)
+    assert torch.equal(net.Mixed_7c.branch_pool.conv.weight, state["Mixed_7c.branch_pool.conv.weight"])
+    feats = net(torch.rand(2, 3, 32, 64) * 2 - 1)  # resized to 299x299 inside
+    assert feats.shape == (2, 2048) and torch.isfinite(feats).all()
+    assert time.time() - t0 < 10
+
+
+def test_fid_inception_rejects_wrong_weights_with_the_file_name(tmp_path):
+    state = evaluation.FIDInceptionV3().state_dict()
+    bad = dict(state)
+    bad["fc.weight"] = torch.zeros(1000, 2048)  # torchvision's ImageNet head
+    del bad["Mixed_7c.branch_pool.conv.weight"]
+    path = tmp_path / "imagenet_inception.pth"
+    torch.save(bad, path)
+    with pytest.raises(evaluation.EvalError, match="imagenet_inception.pth.*missing.*Mixed_7c.*fc.weight"):
+        evaluation.load_fid_inception(path)
+    with pytest.raises(evaluation.EvalError, match="not found: .*nowhere.pth"):
+        evaluation.load_fid_inception(tmp_path / "nowhere.pth")
