@@ -1,0 +1,110 @@
+"""train.py: a few steps train, resume is bit-exact, DDP equals one process, bad input gives clear errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model", "gaugan", "--height", "32", "--width", "64", "--ngf", "4", "--ndf", "4", "--n_layers_D", "2",
+        "--workers", "0", "--progress", "false", "--num_samples", "2"]
+
+
+def run(out, *extra):
+    train.main(TINY + ["--out", str(out), *extra])
+
+
+def load_G(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["G"]
+
+
+def assert_same_params(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        if atol == 0:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-4, msg=k)
+
+
+@pytest.mark.slow
+def test_few_steps_write_samples_and_checkpoints(tmp_path):
+    run(tmp_path, "--steps", "2", "--batch_size", "2", "--ckpt_every", "1", "--sample_every", "2")
+    logs = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert len(logs) == 2 and all(torch.isfinite(torch.tensor(v)) for r in logs for v in r.values())
+    assert (tmp_path / "samples" / "step_000002.png").stat().st_size > 0
+    cfg = json.load(open(tmp_path / "config.json"))
+    assert cfg["model"]["ngf"] == 4 and cfg["train"]["steps"] == 2
+    ckpt = train.load_checkpoint(tmp_path / "ckpt_latest.pt")
+    assert ckpt["step"] == 2 and not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["G"])
+    before, after = load_G(tmp_path / "ckpt_prev.pt"), ckpt["G"]  # step 1 vs step 2: parameters moved
+    assert any(not torch.equal(before[k], after[k]) for k in after)
+    # the checkpoint rebuilds the same networks
+    module, cfg, info, G, D = train.build_from_checkpoint(ckpt)
+    assert module.__name__ == "gaugan" and info.height == 32
+
+
+@pytest.mark.slow
+def test_resume_is_bit_exact(tmp_path):
+    run(tmp_path / "straight", "--steps", "4", "--batch_size", "2")
+    run(tmp_path / "sliced", "--steps", "4", "--batch_size", "2", "--stop_after", "2")
+    assert train.load_checkpoint(tmp_path / "sliced" / "ckpt_latest.pt")["step"] == 2
+    run(tmp_path / "sliced", "--steps", "4", "--batch_size", "2", "--resume")
+    assert_same_params(load_G(tmp_path / "straight" / "ckpt_latest.pt"),
+                       load_G(tmp_path / "sliced" / "ckpt_latest.pt"))
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train.py"), *TINY, "--steps", "2", "--batch_size", "2", "--out",
+           str(tmp_path / "ddp")]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run(tmp_path / "single", "--steps", "2", "--batch_size", "4")
+    assert_same_params(load_G(tmp_path / "ddp" / "ckpt_latest.pt"),
+                       load_G(tmp_path / "single" / "ckpt_latest.pt"), atol=1e-5)
+
+
+def expect_error(capsys, argv, *fragments):
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    for f in fragments:
+        assert f in err, err
+    assert "Traceback" not in err
+    return err
+
+
+def test_unknown_model_and_dataset_and_missing_root(tmp_path, capsys):
+    expect_error(capsys, ["--model", "pix2pix"], "unknown model", "pix2pix")
+    expect_error(capsys, TINY + ["--dataset", "imagenet", "--out", str(tmp_path / "a")], "imagenet")
+    missing = str(tmp_path / "nowhere")
+    expect_error(capsys, TINY + ["--dataset", "cityscapes", "--dataroot", missing, "--out", str(tmp_path / "b")],
+                 missing)
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoint_and_existing_run(tmp_path, capsys):
+    run(tmp_path, "--steps", "1", "--batch_size", "2")
+    latest = tmp_path / "ckpt_latest.pt"
+    good = latest.read_bytes()
+    # an existing run folder is not overwritten without --resume or --overwrite
+    expect_error(capsys, TINY + ["--out", str(tmp_path), "--steps", "1"], "--resume", "--overwrite")
+    assert latest.read_bytes() == good
+    # a truncated checkpoint names the file; with no earlier one to fall back on, resume refuses
+    latest.write_bytes(good[: len(good) // 2])
+    err = expect_error(capsys, TINY + ["--out", str(tmp_path), "--steps", "2", "--resume"], "ckpt_latest.pt")
+    assert "corrupt" in err or "truncated" in err
+    # a checkpoint whose model config differs is refused, saying what differs
+    latest.write_bytes(good)
+    expect_error(capsys, TINY + ["--out", str(tmp_path), "--steps", "2", "--resume", "--ngf", "8"], "ngf")
+    assert latest.read_bytes() == good
+    with pytest.raises(train.CheckpointError, match="nothing.pt"):
+        train.load_checkpoint(tmp_path / "nothing.pt")

@@ -1,0 +1,569 @@
+"""
+One training script for every model in this repo: GauGAN (the shared backbone), LGGAN / LGGAN++ and ECGAN.
+
+    python train.py --model lggan                       # one CPU or GPU, built-in synthetic scenes
+    torchrun --nproc_per_node=8 train.py --model ecgan --dataset cityscapes --dataroot /data/cityscapes
+
+Every model file (gaugan.py, lggan.py, ecgan.py) exposes the same five names, so this loop knows nothing about
+any one model:  Config (a dataclass), build(cfg, info) -> (G, D), g_step, d_step, sample.
+Command-line flags are generated from TrainConfig and from the chosen model's Config: a new dataclass field is a
+new flag. The resolved configuration is written to <out>/config.json.
+
+Order of one iteration (as in GauGAN): a generator step, then a discriminator step; TTUR learning rates from the
+model config; linear decay to zero over the last part of training.
+"""
+import argparse
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import re
+import signal
+import sys
+import time
+from dataclasses import dataclass, asdict, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+
+import data
+import gaugan
+
+MODELS = {"gaugan": gaugan}
+try:  # the model files land one by one; train.py works with whichever are present
+    import lggan
+    MODELS["lggan"] = lggan
+except ImportError as e:  # pragma: no cover - only while lggan.py is missing
+    if "lggan" not in str(e):
+        raise
+try:
+    import ecgan
+    MODELS["ecgan"] = ecgan
+except ImportError as e:  # pragma: no cover
+    if "ecgan" not in str(e):
+        raise
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    model: str = "lggan"          # gaugan | lggan | ecgan
+    dataset: str = "synthetic"    # synthetic (built in, no download) or a data.py loader name
+    dataroot: str = ""            # root folder of a real dataset
+    task: str = "semantic"        # semantic | crossview (LGGAN Sec. 4.1.1)
+    height: int = 64
+    width: int = 128
+    preset: str = "cpu"           # cpu: narrow networks that train in minutes on a CPU; paper: the papers' widths
+    batch_size: int = 4           # per process; the global batch is batch_size * world size
+    steps: int = 2000             # optimiser steps (G and D once each)
+    decay_from: float = 0.5       # linear decay of both learning rates to 0 starting at this fraction of steps
+    workers: int = 1
+    out: str = ""                 # run folder, default runs/<model>
+    overwrite: bool = False       # allow writing into an existing run folder without --resume
+    resume: bool = False          # continue from <out>/ckpt_latest.pt (or ckpt_prev.pt if the latest is broken)
+    stop_after: int = 0           # end this process after N steps in total, for time-sliced jobs (0: run to --steps)
+    sample_every: int = 200
+    ckpt_every: int = 500
+    num_samples: int = 8          # rows in the sample grid (a fixed validation batch)
+    seed: int = 0
+    device: str = "auto"          # auto | cpu | cuda
+    amp: str = "auto"             # auto (bf16 on GPU, off on CPU) | bf16 | fp16 | none
+    compile: bool = False         # torch.compile G and D
+    vgg: str = ""                 # VGG19 weights (torchvision layout): a path or URL; empty = perceptual loss off
+    segmenter_steps: int = 600    # ECGAN only: steps to train the built-in label generator when none is given
+    max_bad_steps: int = 10       # stop after this many non-finite losses in a row
+    progress: bool = True         # tqdm bar
+
+
+# Narrow networks for CPU runs: a field here applies only where the model config has it and the user did not
+# set it on the command line.
+PRESETS = {
+    "cpu": dict(ngf=16, ndf=16, n_res=3, proj_dim=32, z_dim=32, enc_nf=16),
+    "paper": dict(),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line from dataclasses
+
+def _str2bool(s):
+    if s.lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {s!r}")
+
+
+def _field_comments(cls):
+    """The `# comment` after each dataclass field becomes its --help text."""
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#(.*)$", src, re.M)}
+
+
+def _add_fields(parser, cls, group_title):
+    group = parser.add_argument_group(group_title)
+    comments = _field_comments(cls)
+    for f in fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flag = "--" + f.name
+        text = f"{comments.get(f.name, '')} (default: {default!r})".strip().replace("%", "%%")
+        if isinstance(default, bool):
+            group.add_argument(flag, type=_str2bool, nargs="?", const=True, default=default, metavar="BOOL",
+                               help=text)
+        elif isinstance(default, (int, float, str)):
+            group.add_argument(flag, type=type(default), default=default, help=text)
+        elif isinstance(default, (tuple, list)):
+            kind = type(default[0]) if len(default) else str
+            group.add_argument(flag, type=kind, nargs="*", default=list(default), help=text)
+        else:
+            raise TypeError(f"{cls.__name__}.{f.name}: unsupported field type for the command line")
+
+
+def parse_args(argv=None):
+    """Two passes: --model picks which model dataclass the remaining flags come from."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model", default=TrainConfig.model)
+    known, _ = pre.parse_known_args(argv)
+    if known.model not in MODELS:
+        raise ConfigError(f"unknown model {known.model!r}; choose one of {sorted(MODELS)}")
+    module = MODELS[known.model]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_fields(parser, TrainConfig, "training")
+    clash = {f.name for f in fields(TrainConfig)} & {f.name for f in fields(module.Config)}
+    if clash:
+        raise ConfigError(f"{module.__name__}.Config fields clash with TrainConfig: {sorted(clash)}")
+    _add_fields(parser, module.Config, f"model ({known.model}.Config)")
+    args = parser.parse_args(argv)
+    given = {a.split("=")[0][2:] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
+    tcfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    mcfg = module.Config(**{f.name: _restore_type(getattr(args, f.name), f, module.Config)
+                            for f in fields(module.Config)})
+    if tcfg.preset not in PRESETS:
+        raise ConfigError(f"unknown preset {tcfg.preset!r}; choose one of {sorted(PRESETS)}")
+    for name, value in PRESETS[tcfg.preset].items():
+        if hasattr(mcfg, name) and name not in given:
+            setattr(mcfg, name, value)
+    if tcfg.task != "semantic" and hasattr(mcfg, "task"):
+        mcfg.task = tcfg.task
+    return tcfg, mcfg
+
+
+def _restore_type(value, f, cls):
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return tuple(value) if isinstance(default, tuple) else value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+def _write_synced(obj, path):
+    with open(path, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def atomic_save(obj, path):
+    """Write to a temporary file in the same folder, flush to disk, then rename: a reader (or a crash) only ever
+    sees the old file or the complete new one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    _write_synced(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(state, out):
+    """Atomic, keeping the last two: ckpt_latest.pt and ckpt_prev.pt. A kill between the two renames leaves
+    ckpt_prev.pt (and the finished temp file), which find_resume_checkpoint falls back to."""
+    latest, prev = os.path.join(out, "ckpt_latest.pt"), os.path.join(out, "ckpt_prev.pt")
+    tmp = f"{latest}.tmp{os.getpid()}"
+    _write_synced(state, tmp)
+    if os.path.exists(latest):
+        os.replace(latest, prev)
+    os.replace(tmp, latest)
+
+
+CKPT_KEYS = ("model", "model_cfg", "train_cfg", "info", "G", "D", "step")
+
+
+def load_checkpoint(path, map_location="cpu"):
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, wrong format, pickled code...
+        raise CheckpointError(f"{path}: cannot read checkpoint, it is truncated, corrupt or not a checkpoint of "
+                              f"this repo ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    missing = [k for k in CKPT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: not a training checkpoint of this repo (missing {missing})")
+    if ckpt["model"] not in MODELS:
+        raise CheckpointError(f"{path}: checkpoint of model {ckpt['model']!r}, which this repo does not know")
+    return ckpt
+
+
+def find_resume_checkpoint(out):
+    """The newest loadable checkpoint in a run folder, falling back to the previous one."""
+    errors = []
+    for name in ("ckpt_latest.pt", "ckpt_prev.pt"):
+        path = os.path.join(out, name)
+        if os.path.exists(path):
+            try:
+                return load_checkpoint(path), path
+            except CheckpointError as e:
+                errors.append(str(e))
+    if errors:
+        raise CheckpointError("no loadable checkpoint: " + "; ".join(errors))
+    return None, None
+
+
+def config_from_dict(cls, d, what):
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise CheckpointError(f"{what}: fields {unknown} are not in {cls.__name__}")
+    f_types = {f.name: f for f in fields(cls)}
+    return cls(**{k: (tuple(v) if isinstance(v, list) and isinstance(_default(f_types[k]), tuple) else v)
+                  for k, v in d.items()})
+
+
+def _default(f):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def info_from_dict(d):
+    return data.DataInfo(**d)
+
+
+def build_from_checkpoint(ckpt, device="cpu"):
+    """Rebuild (module, model cfg, DataInfo, G, D) from a checkpoint dict, weights loaded, in eval mode."""
+    module = MODELS[ckpt["model"]]
+    cfg = config_from_dict(module.Config, ckpt["model_cfg"], f"checkpoint of {ckpt['model']}")
+    info = info_from_dict(ckpt["info"])
+    G, D = module.build(cfg, info)
+    for net, key in ((G, "G"), (D, "D")):
+        try:
+            net.load_state_dict(ckpt[key])
+        except RuntimeError as e:
+            raise CheckpointError(f"checkpoint {key} weights do not fit {ckpt['model']}.build(config): "
+                                  f"{str(e).splitlines()[0][:300]}") from None
+    return module, cfg, info, G.to(device).eval(), D.to(device).eval()
+
+
+def config_differences(a: dict, b: dict):
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# random state, for bit-exact resume
+
+def get_rng_state():
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(_tuplify(state["python"]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def all_finite(loss, world):
+    """True on every rank iff the loss is finite on every rank (ranks must skip an update together)."""
+    ok = torch.isfinite(loss.detach()).all().float().reshape(1)
+    if world > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def lr_factor(step, tcfg):
+    """Constant, then linear decay to 0 over the last (1 - decay_from) of training (GauGAN: 100 + 100 epochs)."""
+    start = int(tcfg.steps * tcfg.decay_from)
+    if step < start:
+        return 1.0
+    return max(0.0, (tcfg.steps - step) / max(1, tcfg.steps - start))
+
+
+def make_datasets(tcfg):
+    name = tcfg.dataset
+    if tcfg.task == "crossview" and name == "synthetic":
+        name = "synthetic_crossview"
+    kw = dict(dataroot=tcfg.dataroot or None, size=(tcfg.height, tcfg.width))
+    train_set = data.make_dataset(name, split="train", **kw)
+    try:
+        val_set = data.make_dataset(name, split="val", **kw)
+    except data.DatasetError:
+        val_set = train_set  # datasets without a validation split: sample from training images
+    return train_set, val_set
+
+
+def train(tcfg: TrainConfig, mcfg):
+    # --- processes: torchrun sets these; plain `python train.py` is a world of one
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    use_cuda = tcfg.device == "cuda" or (tcfg.device == "auto" and torch.cuda.is_available())
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if world > 1:
+        if use_cuda:
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if world > 1 and not use_cuda:  # CPU processes share the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    master = rank == 0
+    say = print if master else (lambda *a, **k: None)
+
+    out = tcfg.out or os.path.join("runs", tcfg.model)
+    ckpt = None
+    if tcfg.resume:
+        ckpt, path = find_resume_checkpoint(out)
+        if ckpt is None:
+            say(f"--resume: no checkpoint in {out}, starting from scratch")
+        else:
+            say(f"resuming from {path} at step {ckpt['step']}")
+            if ckpt["model"] != tcfg.model:
+                raise CheckpointError(f"{path}: checkpoint is of model {ckpt['model']!r}, not {tcfg.model!r}")
+            diff = config_differences(ckpt["model_cfg"], asdict(mcfg))
+            if diff:
+                raise CheckpointError(f"{path}: model config differs from the command line in {diff}")
+    elif os.path.isdir(out) and any(n.startswith("ckpt") for n in os.listdir(out)) and not tcfg.overwrite:
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+
+    torch.manual_seed(tcfg.seed + rank)
+    np.random.seed(tcfg.seed + rank)
+    random.seed(tcfg.seed + rank)
+
+    train_set, val_set = make_datasets(tcfg)
+    info = train_set.info
+    module = MODELS[tcfg.model]
+    if master:
+        os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+
+    # ECGAN's label generator G_l is a frozen segmenter trained on real images only (never on generated ones).
+    if hasattr(mcfg, "segmenter") and not mcfg.segmenter:
+        mcfg.segmenter = os.path.join(out, "segmenter.pt")
+        if master and not os.path.exists(mcfg.segmenter):
+            import eval as evaluation
+            say(f"training the built-in segmenter for G_l on real images ({tcfg.segmenter_steps} steps)")
+            evaluation.train_segmenter(train_set, info, steps=tcfg.segmenter_steps, device=device,
+                                       out_path=mcfg.segmenter)
+        if world > 1:
+            dist.barrier()
+
+    G, D = module.build(mcfg, info)
+    G.to(device), D.to(device)
+    opt_G = torch.optim.Adam([p for p in G.parameters() if p.requires_grad], lr=mcfg.lr_g,
+                             betas=(mcfg.beta1, mcfg.beta2))
+    opt_D = torch.optim.Adam(D.parameters(), lr=mcfg.lr_d, betas=(mcfg.beta1, mcfg.beta2))
+    amp = tcfg.amp if tcfg.amp != "auto" else ("bf16" if use_cuda else "none")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    vgg = gaugan.load_vgg19(tcfg.vgg) if tcfg.vgg else None
+    if vgg is None:
+        say("VGG19 weights not given (--vgg PATH_OR_URL): the perceptual loss is off")
+    else:
+        vgg.to(device)
+
+    step = 0
+    if ckpt is not None:
+        G.load_state_dict(ckpt["G"]), D.load_state_dict(ckpt["D"])
+        opt_G.load_state_dict(ckpt["opt_G"]), opt_D.load_state_dict(ckpt["opt_D"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        step = ckpt["step"]
+        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+
+    G_raw, D_raw = G, D  # unwrapped references: checkpoints carry no module./_orig_mod. prefixes
+    if tcfg.compile:
+        G, D = torch.compile(G), torch.compile(D)
+    if world > 1:
+        ids = [device.index] if use_cuda else None
+        G, D = DDP(G, device_ids=ids), DDP(D, device_ids=ids)
+    # G's loss is computed through D_raw (no DDP): D's gradients from the G step are never used, so they are not
+    # all-reduced; D's parameters are frozen during that step to skip computing them.
+    D_for_g = D_raw if not tcfg.compile else D
+
+    if master:
+        with open(os.path.join(out, "config.json"), "w") as fh:
+            json.dump({"train": asdict(tcfg), "model": asdict(mcfg), "info": asdict(info), "world_size": world},
+                      fh, indent=2)
+
+    # A fixed batch of validation labels for the sample grid (dcgan's fixed noise).
+    n = min(tcfg.num_samples, len(val_set))
+    fixed = data.prepare_batch(next(iter(DataLoader(val_set, batch_size=n, shuffle=False))), info, device,
+                               edges=tcfg.model == "ecgan")
+
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=tcfg.seed,
+                                 drop_last=True)
+    per_epoch = len(sampler) // tcfg.batch_size
+    if per_epoch == 0:
+        raise ConfigError(f"dataset has {len(train_set)} samples, fewer than one batch of {tcfg.batch_size} "
+                          f"per process")
+
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):  # finish the current step, save, exit
+        stop["signal"] = signum
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def state_dict():
+        rng = [get_rng_state()]
+        if world > 1:
+            rng = [None] * world
+            dist.all_gather_object(rng, get_rng_state())
+        return {"model": tcfg.model, "model_cfg": asdict(mcfg), "train_cfg": asdict(tcfg), "info": asdict(info),
+                "G": G_raw.state_dict(), "D": D_raw.state_dict(), "opt_G": opt_G.state_dict(),
+                "opt_D": opt_D.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                "step": step, "rng": rng}
+
+    def checkpoint():
+        state = state_dict()  # collective under DDP: every rank takes part
+        if master:
+            save_checkpoint(state, out)
+
+    def write_samples():
+        G_raw.eval()
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            cols = module.sample(G_raw, fixed)
+        G_raw.train()
+        columns = [data.colorize(fixed["label"], info.label_nc)] + [c.float() for c in cols.values()] + \
+                  [fixed["image"]]
+        data.save_grid(columns, os.path.join(out, "samples", f"step_{step:06d}.png"),
+                       titles=["label", *cols.keys(), "real"])
+
+    bar = None
+    if master and tcfg.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=tcfg.steps, initial=step, dynamic_ncols=True)
+    log = open(os.path.join(out, "log.jsonl"), "a") if master else None
+    bad_in_a_row, skipped, t0 = 0, 0, time.time()
+    G.train(), D.train()
+    try:
+        while step < tcfg.steps:
+            epoch, offset = divmod(step, per_epoch)
+            sampler.set_epoch(epoch)
+            indices = list(sampler)[offset * tcfg.batch_size:]  # skip what this epoch already consumed
+            loader = DataLoader(train_set, batch_size=tcfg.batch_size, sampler=indices, drop_last=True,
+                                num_workers=tcfg.workers, persistent_workers=False,
+                                pin_memory=use_cuda)
+            for batch in loader:
+                batch = data.prepare_batch(batch, info, device, edges=tcfg.model == "ecgan")
+                for opt in (opt_G, opt_D):
+                    for g in opt.param_groups:
+                        g["lr"] = g.setdefault("initial_lr", g["lr"]) * lr_factor(step, tcfg)
+
+                # --- generator step, then the discriminator step on the updated G (GauGAN's order)
+                D_raw.requires_grad_(False)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss_g, logs = module.g_step(G, D_for_g, batch, mcfg, vgg)
+                D_raw.requires_grad_(True)
+                ok_g = all_finite(loss_g, world)
+                if ok_g:
+                    opt_G.zero_grad(set_to_none=True)
+                    scaler.scale(loss_g).backward()
+                    scaler.step(opt_G)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss_d, logs_d = module.d_step(G, D, batch, mcfg)
+                logs.update(logs_d)
+                ok_d = all_finite(loss_d, world)
+                if ok_d:
+                    opt_D.zero_grad(set_to_none=True)
+                    scaler.scale(loss_d).backward()
+                    scaler.step(opt_D)
+                scaler.update()
+                if not (ok_g and ok_d):
+                    # The non-finite part was not applied; a run of them means training has diverged.
+                    bad_in_a_row += 1
+                    skipped += 1
+                    say(f"\nstep {step}: non-finite loss (G {float(loss_g):.4g}, D {float(loss_d):.4g}), "
+                        f"update skipped ({bad_in_a_row} in a row)")
+                    if bad_in_a_row >= tcfg.max_bad_steps:
+                        checkpoint()
+                        raise FloatingPointError(
+                            f"{bad_in_a_row} non-finite losses in a row at step {step}; the last good state is "
+                            f"saved in {out}/ckpt_latest.pt")
+                    continue
+                bad_in_a_row = 0
+                step += 1
+
+                if master:
+                    logs = {k: float(v) for k, v in logs.items()}
+                    log.write(json.dumps({"step": step, **logs}) + "\n")
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix({k: f"{v:.3f}" for k, v in list(logs.items())[:4]})
+                    if step % tcfg.sample_every == 0 or step == tcfg.steps:
+                        write_samples()
+                if step % tcfg.ckpt_every == 0 or step == tcfg.steps:
+                    checkpoint()
+                stop_now = stop["signal"] is not None
+                if world > 1:
+                    flag = torch.tensor(float(stop_now), device=device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    stop_now = bool(flag)
+                if stop_now:
+                    checkpoint()
+                    say(f"\nstopped by signal at step {step}; checkpoint saved in {out}")
+                    return out
+                if tcfg.stop_after and step >= tcfg.stop_after and step < tcfg.steps:
+                    checkpoint()
+                    say(f"\n--stop_after {tcfg.stop_after}: checkpoint saved in {out}; continue with --resume")
+                    return out
+                if step >= tcfg.steps:
+                    break
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+    if master:
+        dt = time.time() - t0
+        say(f"done: {step} steps in {dt:.0f}s ({skipped} skipped); samples in {out}/samples, "
+            f"checkpoint {out}/ckpt_latest.pt")
+    return out
+
+
+def main(argv=None):
+    try:
+        tcfg, mcfg = parse_args(argv)
+        train(tcfg, mcfg)
+    except (ConfigError, CheckpointError, data.DatasetError, FloatingPointError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
