@@ -132,6 +132,10 @@ class GauGANGenerator(nn.Module):
             raise ValueError(f"image size {height}x{width} must be divisible by 2^{n_up}={2**n_up} "
                              f"for num_upsampling_layers={cfg.num_upsampling_layers!r}")
         self.sh, self.sw = height // 2**n_up, width // 2**n_up  # start resolution (Cityscapes 'more': 4 x 8)
+        if self.sh * self.sw == 1 and cfg.norm == "instance":  # instance norm of a 1x1 map is undefined
+            raise ValueError(f"image size {height}x{width} gives a 1x1 start resolution with "
+                             f"num_upsampling_layers={cfg.num_upsampling_layers!r}; instance norm needs more "
+                             f"than one pixel: use a larger size, 'normal' upsampling or norm='batch'")
         self.use_vae, self.z_dim = cfg.use_vae, cfg.z_dim
         nf = cfg.ngf
         if head and cfg.use_vae:
