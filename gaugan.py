@@ -29,7 +29,9 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 try:  # sau.py provides every upsampler of LGGAN++ Table 12; nearest works without it
     import sau
-except ImportError:  # pragma: no cover - only while sau.py has not landed
+except ModuleNotFoundError as e:  # only a missing sau.py; an import error inside it still surfaces
+    if e.name != "sau":
+        raise
     sau = None
 
 
@@ -468,11 +470,24 @@ CONFIGS = {  # name: (input_nc, num_upsampling_layers, height, width), public Ga
     "coco": (182 + 1 + 1, "normal", 256, 256),       # 182 classes + dontcare + instance boundaries
 }
 
+def count_generator(cfg, input_nc, height, width):
+    """Parameters of the real architecture built on the meta device (shapes only, no memory, no init)."""
+    try:
+        with torch.device("meta"):
+            return count_params(GauGANGenerator(cfg, input_nc, height, width))
+    except (NotImplementedError, RuntimeError):  # an upsampler whose constructor computes on its weights
+        return count_params(GauGANGenerator(cfg, input_nc, height, width))
+
+
 if __name__ == "__main__":
     for name, (input_nc, ups, h, w) in CONFIGS.items():
         cfg = GauGANConfig(num_upsampling_layers=ups)
-        with torch.device("meta"):  # shapes only: counts without allocating or initialising 93M weights
-            G = GauGANGenerator(cfg, input_nc, h, w)
+        with torch.device("meta"):
             D = MultiscaleDiscriminator(input_nc + 3, cfg.ndf, cfg.n_layers_D, cfg.num_D)
-        print(f"| {name} | generator | {count_params(G) / 1e6:.2f} |")
+        print(f"| {name} | generator | {count_generator(cfg, input_nc, h, w) / 1e6:.2f} |")
         print(f"| {name} | discriminator | {count_params(D) / 1e6:.2f} |")
+    if sau is not None:  # LGGAN++ Table 12: GauGAN on Cityscapes with each upsampler
+        input_nc, ups, h, w = CONFIGS["cityscapes"]
+        for name in sau.UPSAMPLERS:
+            cfg = GauGANConfig(num_upsampling_layers=ups, upsample=name)
+            print(f"| cityscapes upsample={name} | generator | {count_generator(cfg, input_nc, h, w) / 1e6:.2f} |")

@@ -138,6 +138,18 @@ def test_discriminate_matches_separate_forwards():
                 torch.testing.assert_close(a, b)
 
 
+def test_gan_d_loss_is_hinge_on_one_forward():
+    torch.manual_seed(0)
+    D = gaugan.MultiscaleDiscriminator(5 + 3, ndf=8).eval()
+    cond, fake, real = onehot(2, 5, 32, 32), torch.randn(2, 3, 32, 32, requires_grad=True), torch.randn(2, 3, 32, 32)
+    loss, logs = gaugan.gan_d_loss(D, cond, fake, real)
+    fake_preds, real_preds = gaugan.discriminate(D, cond, fake, real)
+    torch.testing.assert_close(loss, gaugan.hinge_d_loss(real_preds, fake_preds))
+    torch.testing.assert_close(loss.detach(), logs["D_fake"] + logs["D_real"])
+    loss.backward()
+    assert fake.grad is None  # fake is detached inside
+
+
 def test_hinge_losses_closed_form():
     real = [[torch.tensor([0.5, 2.0, -1.0])], [torch.tensor([1.0, 0.0])]]
     fake = [[torch.tensor([-2.0, 0.5, 0.0])], [torch.tensor([-0.5, 3.0])]]
@@ -220,10 +232,12 @@ def test_vgg_loss(vgg_file):
 
 # ----------------------------------------------------------------------------- model interface
 
-@pytest.mark.parametrize("use_vae", [False, True])
-def test_g_step_d_step(use_vae, vgg_file):
+@pytest.mark.parametrize("use_vae,upsample", [(False, "nearest"), (True, "nearest"), (False, "sau")])
+def test_g_step_d_step(use_vae, upsample, vgg_file):
+    if upsample != "nearest" and gaugan.sau is None:
+        pytest.skip("sau.py not importable")
     torch.manual_seed(0)
-    cfg = tiny_cfg(use_vae=use_vae)
+    cfg = tiny_cfg(use_vae=use_vae, upsample=upsample)
     info = SimpleNamespace(input_nc=6, height=32, width=64)
     G, D = gaugan.build(cfg, info)
     vgg = gaugan.load_vgg19(str(vgg_file))
@@ -256,4 +270,5 @@ def test_cityscapes_generator_size():
         G = GauGANGenerator(cfg, 35 + 1, 256, 512)
     n = gaugan.count_params(G)
     assert (G.sh, G.sw) == (4, 8)
+    assert all(p.is_meta for p in G.parameters())
     assert abs(n / 93.0e6 - 1) < 0.01, n
