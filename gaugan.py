@@ -10,9 +10,11 @@ B1 baseline of their ablations. Map of this file:
     GauGANGenerator        head (conv on the resized label map, or fc from z) -> trunk (ResBlocks and
                            upsamplers from sau.make_upsampler) -> to_rgb
     StyleEncoder           GauGAN's image encoder (mu, logvar) for multi-modal synthesis
-    MultiscaleDiscriminator num_D PatchGANs on progressively average-pooled inputs, returning all features
+    PatchDiscriminator     one PatchGAN (pix2pixHD), returning every layer's features
+    MultiscaleDiscriminator num_D PatchGANs on progressively average-pooled inputs
     losses                 hinge, feature matching, KL, VGG19 perceptual (VGG19Features, load_vgg19)
     shared D-side helpers  d_input, discriminate, gan_g_losses, gan_d_loss (reused by lggan.py, ecgan.py)
+    init_weights           the public code's init (xavier, gain 0.02)
     model interface        Config, build, g_step, d_step, sample (called by train.py / eval.py)
 
 `python gaugan.py` prints the parameter table (millions).
