@@ -427,3 +427,436 @@ def check_state_dict(model, state, src, what):
         if shapes:
             parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[:3]})")
         raise EvalError(f"{src} does not match {what}: " + "; ".join(parts))
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Built-in segmenter: a small fully convolutional net trained on REAL training images only. It stands in for the
+# papers' DRN-D-105 / UperNet-101 / DeepLab-v2 (its numbers are not comparable with theirs); ECGAN's label
+# generator G_l uses it too. Its mIoU on real validation images is the ceiling for generated ones.
+
+def _conv_bn_relu(cin, cout, stride=1, dilation=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class Segmenter(nn.Module):
+    """image (B, 3, H, W) in [-1, 1] -> logits (B, label_nc, H, W). Stride-4 encoder with dilated context convs,
+    bilinear upsampling and a full-resolution skip (an FCN / DeepLab in miniature)."""
+
+    def __init__(self, label_nc, width=32):
+        super().__init__()
+        self.label_nc, self.width = label_nc, width
+        self.stem = _conv_bn_relu(3, width)                                  # (B, w, H, W)
+        self.down = nn.Sequential(_conv_bn_relu(width, 2 * width, stride=2),
+                                  _conv_bn_relu(2 * width, 4 * width, stride=2))  # (B, 4w, H/4, W/4)
+        self.context = nn.Sequential(_conv_bn_relu(4 * width, 4 * width, dilation=2),
+                                     _conv_bn_relu(4 * width, 4 * width, dilation=4))
+        self.fuse = _conv_bn_relu(5 * width, width)
+        self.classify = nn.Conv2d(width, label_nc, 1)
+
+    def encode(self, image):
+        skip = self.stem(image)
+        return skip, self.context(self.down(skip))
+
+    def features(self, image):
+        """Global-average-pooled context features (B, 4w): the stand-in FID feature space."""
+        return self.encode(image)[1].mean(dim=(2, 3))
+
+    def forward(self, image):
+        skip, ctx = self.encode(image)
+        ctx = F.interpolate(ctx, size=skip.shape[-2:], mode="bilinear", align_corners=False)  # (B, 4w, H, W)
+        return self.classify(self.fuse(torch.cat([skip, ctx], 1)))
+
+
+def _forever(loader):
+    while True:
+        yield from loader
+
+
+def _atomic_torch_save(obj, path):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train_segmenter(dataset, info, steps=2000, batch_size=8, device="cpu", out_path=None, width=32, lr=2e-3,
+                    seed=0, progress=True):
+    """Train the built-in Segmenter with cross-entropy on the dataset's real images (never generated ones).
+    Dontcare pixels are not trained on. Saves {"kind": "segmenter", ...} atomically to out_path if given."""
+    device = torch.device(device)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
+        torch.manual_seed(seed)
+        seg = Segmenter(info.label_nc, width).to(device)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=True,
+                                         drop_last=True, generator=gen)
+    opt = torch.optim.Adam(seg.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
+    ignore_index = info.num_classes if info.dontcare else -100
+    seg.train()
+    it = _forever(loader)
+    bar = tqdm(range(steps), desc="segmenter", disable=not progress, leave=False)
+    for _ in bar:
+        batch = next(it)
+        image, label = batch["image"].to(device), batch["label"].to(device)
+        loss = F.cross_entropy(seg(image), label, ignore_index=ignore_index)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    seg.eval().requires_grad_(False)
+    if out_path is not None:
+        _atomic_torch_save({"kind": "segmenter", "label_nc": info.label_nc, "width": width, "steps": steps,
+                            "info": asdict(info), "state": seg.state_dict()}, out_path)
+    return seg
+
+
+def _is_torchscript(path):
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+    except zipfile.BadZipFile:
+        return False
+
+
+def load_segmenter(path, info=None, device="cpu"):
+    """The built-in Segmenter from its checkpoint, or any TorchScript file (a user's DRN / UperNet / DeepLab export
+    mapping images (B, 3, H, W) in [-1, 1] to logits over the dataset's label ids). In eval mode, frozen."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise EvalError(f"segmenter file not found: {path}")
+    if _is_torchscript(path):
+        model = torch.jit.load(path, map_location=device)
+    else:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise EvalError(f"{path}: not a built-in segmenter checkpoint nor a TorchScript file ({e})") from None
+        if not isinstance(ckpt, dict) or ckpt.get("kind") != "segmenter":
+            raise EvalError(f"{path}: not a built-in segmenter checkpoint (no kind='segmenter'; a training "
+                            f"checkpoint goes to --ckpt) nor a TorchScript file")
+        if info is not None and ckpt["label_nc"] != info.label_nc:
+            raise EvalError(f"{path}: segmenter predicts {ckpt['label_nc']} labels, dataset {info.name!r} has "
+                            f"{info.label_nc}")
+        model = Segmenter(ckpt["label_nc"], ckpt["width"])
+        check_state_dict(model, ckpt["state"], path, "the built-in Segmenter")
+        model.load_state_dict(ckpt["state"])
+    return model.to(device).eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def segment(seg, image):
+    """Predicted label ids (B, H, W) at the image's resolution."""
+    logits = seg(image)
+    if logits.shape[-2:] != image.shape[-2:]:
+        logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
+    return logits.argmax(1)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Generate and measure
+
+def _device(name):
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _save_png(image, path):
+    from PIL import Image
+    arr = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte()
+    arr = arr.expand(3, -1, -1) if arr.shape[0] == 1 else arr
+    Image.fromarray(arr.permute(1, 2, 0).numpy()).save(path)
+
+
+def _val_set(data, name, dataroot, info):
+    """The validation split at the checkpoint's resolution (the training split where a dataset has none)."""
+    if info.task == "crossview" and name == "synthetic":
+        name = "synthetic_crossview"  # as train.py names it
+    kw = dict(dataroot=dataroot or None, size=(info.height, info.width))
+    try:
+        return data.make_dataset(name, split="val", **kw), name, "val"
+    except data.DatasetError:
+        return data.make_dataset(name, split="train", **kw), name, "train (no validation split)"
+
+
+def _segmenter_cache_path(folder, name, info):
+    return Path(folder) / f"segmenter_{name}_{info.height}x{info.width}.pt"
+
+
+def _finite(x):
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def evaluate(ckpt_path, dataset=None, dataroot=None, out=None, num=None, batch_size=8, device="auto",
+             inception=None, segmenter=None, classifier=None, seg_steps=2000, ignore=None, grid_rows=8,
+             save_images=True, progress=True):
+    """Generate the validation set from a training checkpoint, compute every metric that applies, print a table and
+    write <out>/metrics.json. Returns the results dict."""
+    import data
+    import train  # not at top level: ecgan.py imports this file
+
+    ckpt_path = str(ckpt_path)
+    if not os.path.isfile(ckpt_path):
+        raise EvalError(f"checkpoint not found: {ckpt_path}")
+    device = _device(device)
+    ckpt_errors = (getattr(train, "CheckpointError", EvalError), KeyError, TypeError)
+    try:
+        ckpt = train.load_checkpoint(ckpt_path)
+        module, cfg, info, G, D = train.build_from_checkpoint(ckpt, device)
+    except ckpt_errors as e:
+        msg = str(e)
+        raise EvalError(msg if ckpt_path in msg else f"{ckpt_path}: {msg}") from None
+    del D
+    model_name, tcfg = ckpt["model"], ckpt.get("train_cfg", {})
+    val, name, split = _val_set(data, dataset or tcfg.get("dataset", "synthetic"), dataroot or tcfg.get("dataroot"),
+                                info)
+    vi = val.info
+    if (vi.label_nc, vi.input_nc, vi.task) != (info.label_nc, info.input_nc, info.task):
+        raise EvalError(f"{ckpt_path}: trained on {info.name!r} (label_nc {info.label_nc}, input_nc {info.input_nc}, "
+                        f"{info.task}), but dataset {name!r} has label_nc {vi.label_nc}, input_nc {vi.input_nc}, "
+                        f"{vi.task}")
+    out = Path(out) if out else Path(ckpt_path).parent / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    n_total = min(num or len(val), len(val))
+    notes = []
+
+    # --- the measuring networks
+    seg, seg_desc = None, None
+    if segmenter:
+        seg, seg_desc = load_segmenter(segmenter, info, device), f"user segmenter {segmenter}"
+    else:
+        for cand in (_segmenter_cache_path(out, name, info), Path(ckpt_path).parent / "segmenter.pt",
+                     _segmenter_cache_path(Path(ckpt_path).parent, name, info)):
+            if cand.is_file():
+                try:
+                    seg = load_segmenter(cand, info, device)
+                    seg_desc = f"built-in segmenter {cand}"
+                    break
+                except EvalError as e:
+                    notes.append(f"ignored cached segmenter: {e}")
+        if seg is None and seg_steps > 0:
+            cache = _segmenter_cache_path(out, name, info)
+            print(f"no segmenter given: training the built-in one on real {name} training images "
+                  f"({seg_steps} steps), cached at {cache}")
+            train_set = data.make_dataset(name, dataroot=dataroot or tcfg.get("dataroot") or None, split="train",
+                                          size=(info.height, info.width))
+            seg = train_segmenter(train_set, info, steps=seg_steps, batch_size=batch_size, device=device,
+                                  out_path=cache, progress=progress)
+            seg_desc = f"built-in segmenter {cache} ({seg_steps} steps)"
+        elif seg is None:
+            notes.append("mIoU / accuracy skipped: no segmenter (--segmenter PATH or --seg-steps > 0)")
+    ignore = sorted(set(default_ignore(info) if ignore is None else ignore))
+
+    if inception:
+        feat_net = load_fid_inception(inception, device)
+        fid_key, fid_desc = "FID", f"InceptionV3 pool3 (pytorch-fid weights {inception}), 299x299 bilinear"
+    elif seg is not None and hasattr(seg, "features"):
+        feat_net = seg.features
+        fid_key = "FID (segmenter features)"
+        fid_desc = ("Fréchet distance of the segmenter's pooled features: NOT comparable with published FIDs "
+                    "(pass --inception pt_inception-2015-12-05-6726825d.pth or its URL for real FID)")
+        notes.append("Inception weights not given (--inception PATH_OR_URL): FID uses segmenter features")
+    else:
+        feat_net, fid_key, fid_desc = None, None, None
+        notes.append("FID skipped: no Inception weights (--inception) and no built-in segmenter features")
+    clf = None
+    if classifier:
+        if not os.path.isfile(classifier):
+            raise EvalError(f"classifier file not found: {classifier}")
+        clf = torch.jit.load(classifier, map_location=device).eval()
+    elif info.task == "crossview":
+        notes.append("top-k accuracy / KL / inception-style score skipped: no scene classifier (--classifier "
+                     "TorchScript file)")
+
+    # --- generate and accumulate
+    loader = torch.utils.data.DataLoader(val, batch_size=batch_size, shuffle=False)
+    feats = {"real": [], "fake": []}
+    logits = {"real": [], "fake": []}
+    conf = {"real": 0, "fake": 0}
+    pix = {"SSIM": [], "PSNR": [], "sharpness difference": []}
+    grid_cols, grid_titles = None, None
+    (out / "fake").mkdir(exist_ok=True), (out / "real").mkdir(exist_ok=True)
+    done = 0
+    t0 = time.time()
+    with torch.no_grad():
+        bar = tqdm(total=n_total, desc=f"eval {model_name}", unit="img", disable=not progress)
+        for batch in loader:
+            if done >= n_total:
+                break
+            k = min(len(batch["label"]), n_total - done)
+            batch = {key: v[:k] for key, v in batch.items()}
+            b = data.prepare_batch(batch, info, device, edges=model_name == "ecgan")
+            cols = module.sample(G, b)
+            fake, real, label = cols["fake"].float().clamp(-1, 1), b["image"].float(), b["label"]
+            if save_images:
+                for i in range(k):
+                    _save_png(fake[i], out / "fake" / f"{done + i:05d}.png")
+                    _save_png(real[i], out / "real" / f"{done + i:05d}.png")
+            if grid_cols is None or grid_cols[0].shape[0] < grid_rows:
+                first = ([b["image_a"], b["seg"]] if info.task == "crossview" else
+                         [data.colorize(label, info.label_nc)])
+                named = [(c if c.shape[1] in (1, 3) else c[:, :1]).float() for c in cols.values()]
+                new = [c[:grid_rows].cpu() for c in first + [real] + named]
+                grid_titles = (["input", "seg"] if info.task == "crossview" else ["label"]) + ["real"] + list(cols)
+                grid_cols = new if grid_cols is None else [torch.cat([a, c], 0)[:grid_rows]
+                                                           for a, c in zip(grid_cols, new)]
+            if feat_net is not None:
+                feats["fake"].append(feat_net(fake).float().cpu())
+                feats["real"].append(feat_net(real).float().cpu())
+            if seg is not None:
+                for key, img in (("fake", fake), ("real", real)):
+                    conf[key] = conf[key] + confusion_matrix(segment(seg, img), label, info.num_classes, ignore)
+            if info.task == "crossview":
+                uf, ur = to_unit(fake), to_unit(real)
+                pix["SSIM"].append(ssim(uf, ur).cpu())
+                pix["PSNR"].append(psnr(uf, ur).cpu())
+                pix["sharpness difference"].append(sharpness_difference(uf, ur).cpu())
+            if clf is not None:
+                logits["fake"].append(clf(fake).float().cpu())
+                logits["real"].append(clf(real).float().cpu())
+            done += k
+            bar.update(k)
+        bar.close()
+    if done == 0:
+        raise EvalError(f"dataset {name!r} ({split}) gave no images")
+    if grid_cols is not None:
+        data.save_grid(grid_cols, out / "grid.png", titles=grid_titles)
+
+    # --- metrics
+    res = Path(str(out))
+    hw = f"{info.height}x{info.width}"
+    metrics, protocol = {}, {}
+    if feat_net is not None:
+        if done >= 2:
+            metrics[fid_key] = fid_from_features(torch.cat(feats["fake"]), torch.cat(feats["real"]))
+            protocol[fid_key] = f"{fid_desc}; {done} generated vs {done} real {split} images at {hw}"
+        else:
+            notes.append(f"{fid_key} skipped: needs at least 2 images")
+    if seg is not None:
+        ign = f"ignored label ids {ignore}" if ignore else "no ignored labels"
+        sf, sr = segmentation_scores(conf["fake"], ignore), segmentation_scores(conf["real"], ignore)
+        seg_proto = f"{seg_desc}, labels at {hw}, {ign}"
+        metrics["mIoU"], metrics["pixel accuracy"] = sf["mIoU"], sf["accuracy"]
+        metrics["mIoU (real images: segmenter ceiling)"] = sr["mIoU"]
+        metrics["pixel accuracy (real images: segmenter ceiling)"] = sr["accuracy"]
+        for key in ("mIoU", "pixel accuracy", "mIoU (real images: segmenter ceiling)",
+                    "pixel accuracy (real images: segmenter ceiling)"):
+            protocol[key] = seg_proto
+    if info.task == "crossview":
+        for key, vals in pix.items():
+            metrics[key] = float(torch.cat(vals).mean())
+            protocol[key] = f"images in [0, 1] (data range 1), {hw}" + (
+                f", per-image values capped at {PSNR_CAP} dB" if key != "SSIM" else ", Gaussian window 11, sigma 1.5")
+    if clf is not None:
+        for key, v in classifier_metrics(torch.cat(logits["fake"]), torch.cat(logits["real"])).items():
+            metrics[key] = v
+            protocol[key] = f"classifier {classifier}; ground truth = its top-1 class on the real image"
+    results = {
+        "checkpoint": ckpt_path, "model": model_name, "step": int(ckpt.get("step", 0)), "dataset": name,
+        "split": split, "num_images": done, "resolution": hw, "seconds": round(time.time() - t0, 1),
+        "metrics": {k: _finite(float(v)) for k, v in metrics.items()}, "protocol": protocol, "notes": notes,
+        "images": {"fake": str(res / "fake"), "real": str(res / "real"), "grid": str(res / "grid.png")},
+    }
+    tmp = out / f"metrics.json.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, out / "metrics.json")
+    print_table(results)
+    return results
+
+
+def print_table(results):
+    print(f"\n{results['model']} step {results['step']} on {results['dataset']} ({results['split']}), "
+          f"{results['num_images']} images at {results['resolution']}")
+    w = max([len(k) for k in results["metrics"]] + [6])
+    print(f"| {'metric':<{w}} | {'value':>9} | protocol")
+    print(f"|{'-' * (w + 2)}|{'-' * 11}|---------")
+    for k, v in results["metrics"].items():
+        val = "n/a" if v is None else f"{v:.4f}"
+        print(f"| {k:<{w}} | {val:>9} | {results['protocol'].get(k, '')}")
+    for n in results["notes"]:
+        print(f"note: {n}")
+    print(f"wrote {results['images']['grid']} and metrics.json beside it")
+
+
+def train_segmenter_cli(args):
+    """--train-segmenter: train on real training images, cache it, report its mIoU on real validation images."""
+    import data
+    size = (args.height, args.width)
+    train_set = data.make_dataset(args.dataset, dataroot=args.dataroot or None, split="train", size=size)
+    info = train_set.info
+    out = Path(args.out or os.path.join("runs", "segmenter"))
+    path = _segmenter_cache_path(out, args.dataset, info)
+    device = _device(args.device)
+    seg = train_segmenter(train_set, info, steps=args.seg_steps, batch_size=args.batch_size, device=device,
+                          out_path=path)
+    try:
+        val, split = data.make_dataset(args.dataset, dataroot=args.dataroot or None, split="val", size=size), "val"
+    except data.DatasetError:
+        val, split = train_set, "train (no validation split)"
+    ignore = default_ignore(info) if args.ignore is None else args.ignore
+    conf = 0
+    n = min(args.num or len(val), len(val))
+    with torch.no_grad():
+        for i0 in tqdm(range(0, n, args.batch_size), desc="segmenter ceiling"):
+            items = [val[i] for i in range(i0, min(i0 + args.batch_size, n))]
+            image = torch.stack([it["image"] for it in items]).to(device)
+            label = torch.stack([it["label"] for it in items]).to(device)
+            conf = conf + confusion_matrix(segment(seg, image), label, info.num_classes, ignore)
+    s = segmentation_scores(conf, ignore)
+    result = {"segmenter": str(path), "dataset": args.dataset, "split": split, "num_images": n,
+              "resolution": f"{info.height}x{info.width}", "ignored label ids": ignore,
+              "mIoU (real images: ceiling)": _finite(s["mIoU"]), "pixel accuracy (real images)": _finite(s["accuracy"])}
+    (path.with_suffix(".json")).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return result
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--ckpt", help="training checkpoint (e.g. runs/lggan/ckpt_latest.pt)")
+    p.add_argument("--train-segmenter", action="store_true", help="train and cache the built-in segmenter only")
+    p.add_argument("--dataset", default=None, help="default: the checkpoint's dataset (synthetic for --train-segmenter)")
+    p.add_argument("--dataroot", default=None)
+    p.add_argument("--out", default=None, help="output folder (default: <ckpt folder>/eval)")
+    p.add_argument("--num", type=int, default=None, help="evaluate the first N validation images (default: all)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
+    p.add_argument("--inception", default=None,
+                   help=f"pytorch-fid weights: a path or URL (e.g. {FID_WEIGHTS_URL})")
+    p.add_argument("--segmenter", default=None, help="TorchScript segmenter or built-in segmenter checkpoint")
+    p.add_argument("--classifier", default=None, help="TorchScript scene classifier (cross-view top-k, KL, IS)")
+    p.add_argument("--seg-steps", type=int, default=2000, help="training steps of the built-in segmenter")
+    p.add_argument("--ignore", type=int, nargs="*", default=None, help="label ids left out of mIoU/accuracy "
+                                                                        "(default: dontcare; Cityscapes void ids)")
+    p.add_argument("--height", type=int, default=64, help="--train-segmenter only (else the checkpoint's)")
+    p.add_argument("--width", type=int, default=128, help="--train-segmenter only (else the checkpoint's)")
+    p.add_argument("--no-images", action="store_true", help="do not write the per-image PNG files")
+    args = p.parse_args(argv)
+    try:
+        if args.train_segmenter:
+            args.dataset = args.dataset or "synthetic"
+            return train_segmenter_cli(args)
+        if not args.ckpt:
+            p.error("--ckpt PATH is required (or --train-segmenter)")
+        return evaluate(args.ckpt, dataset=args.dataset, dataroot=args.dataroot, out=args.out, num=args.num,
+                        batch_size=args.batch_size, device=args.device, inception=args.inception,
+                        segmenter=args.segmenter, classifier=args.classifier, seg_steps=args.seg_steps,
+                        ignore=args.ignore, save_images=not args.no_images)
+    except EvalError as e:
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:
+        import data
+        if isinstance(e, data.DatasetError):
+            print(f"eval.py: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()
