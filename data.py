@@ -537,8 +537,7 @@ def _render(s, H, W, x0, x1, y0, y1):
             for (la, lb), lc in zip(front, (_rgb(250, 245, 210), _rgb(200, 20, 20))):
                 lm = (X >= la) & (X < lb) & (Y > btop + 0.03 * L) & (Y < btop + 0.08 * L)
                 c.img[sl][lm & body] = lc
-        for wx in fx(0.14, 0.86):
-            wx = wx + (-1 if wx > x + L / 2 else 1) * 0.0  # wheel centres sit at 14% and 86% of the length
+        for wx in (x + 0.16 * L, x + 0.84 * L):  # wheels
             e = c.ellipse(wx, y - r, r, r)
             if e:
                 sl, X, Y, m = e
@@ -595,3 +594,336 @@ class SyntheticStreets(torch.utils.data.Dataset):
         return {"image_a": _to_tensor_image(ia), "image": _to_tensor_image(ig),
                 "seg_a": colorize(la[None], 10)[0], "seg": colorize(lg[None], 10)[0],
                 "label_a": la, "label": lg, "path": path}
+
+
+# -----------------------------------------------------------------------------
+# real datasets in GauGAN's folder layouts
+
+IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+def _open(path, what):
+    """PIL image fully decoded, or a DatasetError naming the file."""
+    try:
+        im = Image.open(path)
+        im.load()
+        return im
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        raise DatasetError(f"{path}: cannot read {what} ({type(e).__name__}: {e})") from None
+
+
+def _label_array(im, path):
+    """Single-channel label image -> int64 array. RGB is accepted only when it is grey (R == G == B)."""
+    if im.mode in ("RGB", "RGBA"):
+        a = np.asarray(im.convert("RGB"))
+        if not ((a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all()):
+            raise DatasetError(f"{path}: label maps must hold class ids in one channel (mode L, P or I); "
+                               f"got a colour {im.mode} image")
+        return a[..., 0].astype(np.int64)
+    return np.asarray(im).astype(np.int64)
+
+
+def _resize_nearest(a, H, W):
+    """Nearest resize of an integer array (labels, instance ids) by pixel-centre sampling."""
+    h, w = a.shape
+    if (h, w) == (H, W):
+        return a
+    r = ((np.arange(H) + 0.5) * h / H).astype(np.int64)
+    c = ((np.arange(W) + 0.5) * w / W).astype(np.int64)
+    return a[r[:, None], c[None, :]]
+
+
+def _image_tensor(im, H, W):
+    im = im.convert("RGB")
+    if im.size != (W, H):
+        im = im.resize((W, H), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 127.5 - 1  # (3, H, W)
+
+
+def _need_dir(d, root, layout):
+    if not Path(root).is_dir():
+        raise DatasetError(f"{root}: dataset root not found; expected layout: {layout}")
+    if not Path(d).is_dir():
+        raise DatasetError(f"{d}: folder not found under {root}; expected layout: {layout}")
+
+
+def _files(d, exts, suffix="", recursive=False):
+    """{key: path} for files in d ending in suffix + one of exts; key = relative path without the suffix."""
+    d = Path(d)
+    out = {}
+    for p in sorted(d.rglob("*") if recursive else d.iterdir()):
+        name = p.name
+        ext = p.suffix.lower()
+        if p.is_file() and ext in exts and name[: -len(ext)].endswith(suffix):
+            stem = name[: len(name) - len(ext) - len(suffix)]
+            out[str(p.parent.relative_to(d) / stem)] = p
+    return out
+
+
+def _pair(images, labels, image_dir, label_dir, what="label"):
+    """Match images and labels by name; any file without its partner is an error naming it."""
+    if not images:
+        raise DatasetError(f"{image_dir}: no images ({', '.join(IMG_EXT)}) found")
+    lonely = sorted(set(images) - set(labels))
+    if lonely:
+        raise DatasetError(f"{images[lonely[0]]}: image without a {what} in {label_dir} "
+                           f"({len(lonely)} of {len(images)} images unmatched)")
+    lonely = sorted(set(labels) - set(images))
+    if lonely:
+        raise DatasetError(f"{labels[lonely[0]]}: {what} without an image in {image_dir} "
+                           f"({len(lonely)} of {len(labels)} {what}s unmatched; counts {len(images)} vs {len(labels)})")
+    return {k: (images[k], labels[k]) for k in sorted(images)}  # key -> (image path, label path)
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    """(image, label[, instance]) file triples. Raw label values v map to classes as:
+    v == dontcare_value -> num_classes (the dontcare id); otherwise v - offset, which must lie in 0..num_classes-1."""
+
+    def __init__(self, info, items, instances=None, offset=0, dontcare_value=None, flip=False):
+        self.info, self.items, self.instances = info, items, instances
+        self.offset, self.dontcare_value, self.flip = offset, dontcare_value, flip
+
+    def __len__(self):
+        return len(self.items)
+
+    def _label(self, path):
+        raw = _label_array(_open(path, "label map"), path)
+        lab = raw - self.offset
+        dc = raw == self.dontcare_value if self.dontcare_value is not None else np.zeros_like(raw, bool)
+        bad = ((lab < 0) | (lab >= self.info.num_classes)) & ~dc
+        if bad.any():
+            v = int(raw[bad][0])
+            ok = f"{self.offset}..{self.offset + self.info.num_classes - 1}"
+            dcs = f" or the dontcare value {self.dontcare_value}" if self.dontcare_value is not None else ""
+            raise DatasetError(f"{path}: label value {v} outside the class range {ok}{dcs} "
+                               f"({self.info.name}, {int(bad.sum())} pixels)")
+        lab[dc] = self.info.num_classes
+        return lab
+
+    def __getitem__(self, i):
+        ipath, lpath = self.items[i]
+        H, W = self.info.height, self.info.width
+        im = _open(ipath, "image")
+        lab = self._label(lpath)
+        if lab.shape != (im.size[1], im.size[0]):
+            raise DatasetError(f"{lpath}: label size {lab.shape[1]}x{lab.shape[0]} does not match image "
+                               f"{ipath} size {im.size[0]}x{im.size[1]}")
+        if self.instances is not None:
+            inst = np.asarray(_open(self.instances[i], "instance map")).astype(np.int64)
+            if inst.ndim != 2 or inst.shape != lab.shape:
+                raise DatasetError(f"{self.instances[i]}: instance map shape {inst.shape} does not match label "
+                                   f"{lpath} shape {lab.shape}")
+            inst = torch.from_numpy(_resize_nearest(inst, H, W))
+        else:
+            inst = torch.zeros(H, W, dtype=torch.int64)
+        out = {"image": _image_tensor(im, H, W), "label": torch.from_numpy(_resize_nearest(lab, H, W)),
+               "instance": inst, "path": str(ipath)}
+        if self.flip and torch.rand(()) < 0.5:  # one coin for image, label and instance
+            for k in ("image", "label", "instance"):
+                out[k] = out[k].flip(-1)
+        return out
+
+
+def _gaugan_pairs(root, split, inst=False):
+    """{split}_img/, {split}_label/ (and {split}_inst/) as in GauGAN's COCO-Stuff and Facades folders."""
+    root = Path(root)
+    layout = f"{root}/{{train,val}}_img/*.jpg, {{train,val}}_label/*.png" + (", {train,val}_inst/*.png" if inst else "")
+    idir, ldir = root / f"{split}_img", root / f"{split}_label"
+    _need_dir(idir, root, layout)
+    _need_dir(ldir, root, layout)
+    pairs = _pair(_files(idir, IMG_EXT), _files(ldir, (".png",)), idir, ldir)
+    if not inst:
+        return list(pairs.values()), None
+    ndir = root / f"{split}_inst"
+    _need_dir(ndir, root, layout)
+    return list(pairs.values()), _with_instances(pairs, _files(ndir, (".png",)), ndir)
+
+
+def _with_instances(pairs, insts, inst_dir):
+    """Instance paths in pair order; insts = {key: path} keyed like the pairs."""
+    missing = [k for k in pairs if k not in insts]
+    if missing:
+        raise DatasetError(f"{pairs[missing[0]][1]}: no instance map for this label in {inst_dir} "
+                           f"({len(missing)} of {len(pairs)} missing)")
+    return [insts[k] for k in pairs]
+
+
+def _cityscapes(root, split):
+    root = Path(root)
+    layout = (f"{root}/gtFine/{{train,val}}/<city>/*_gtFine_labelIds.png (+ *_gtFine_instanceIds.png), "
+              f"{root}/leftImg8bit/{{train,val}}/<city>/*_leftImg8bit.png")
+    idir, ldir = root / "leftImg8bit" / split, root / "gtFine" / split
+    _need_dir(idir, root, layout)
+    _need_dir(ldir, root, layout)
+    pairs = _pair(_files(idir, (".png",), "_leftImg8bit", True), _files(ldir, (".png",), "_gtFine_labelIds", True),
+                  idir, ldir)
+    insts = _with_instances(pairs, _files(ldir, (".png",), "_gtFine_instanceIds", True), ldir)
+    return list(pairs.values()), insts
+
+
+def _ade20k(root, split):
+    root = Path(root)
+    if (root / "ADEChallengeData2016").is_dir():
+        root = root / "ADEChallengeData2016"
+    sub = {"train": "training", "val": "validation"}.get(split, split)
+    layout = f"{root}/images/{{training,validation}}/*.jpg, {root}/annotations/{{training,validation}}/*.png"
+    idir, ldir = root / "images" / sub, root / "annotations" / sub
+    _need_dir(idir, root, layout)
+    _need_dir(ldir, root, layout)
+    return list(_pair(_files(idir, IMG_EXT), _files(ldir, (".png",)), idir, ldir).values()), None
+
+
+def _dir_pairs(label_dir, image_dir, instance_dir=None):
+    """DeepFashion / CelebAMask-HQ / custom: label_dir and image_dir with matching file names."""
+    layout = "label_dir/<name>.png and image_dir/<name>.jpg|png with matching names"
+    for d in (label_dir, image_dir):
+        if d is None or not Path(d).is_dir():
+            raise DatasetError(f"{d}: folder not found; expected {layout}")
+    pairs = _pair(_files(image_dir, IMG_EXT), _files(label_dir, (".png",)), image_dir, label_dir)
+    if instance_dir is None:
+        return list(pairs.values()), None
+    if not Path(instance_dir).is_dir():
+        raise DatasetError(f"{instance_dir}: instance folder not found")
+    return list(pairs.values()), _with_instances(pairs, _files(instance_dir, (".png",)), instance_dir)
+
+
+# -----------------------------------------------------------------------------
+# cross-view panels (LGGAN's Dayton / CVUSA / SVA files)
+
+PANELS = ("I_a", "I_g", "S_a", "S_g", "L_a", "L_g")
+
+
+class CrossViewPanels(torch.utils.data.Dataset):
+    """Each file holds 6 equal panels side by side {I_a, I_g, S_a, S_g, L_a, L_g}. L_* are grey 10, 20, .., 60
+    for 6 grouped classes -> ids 0..5. Label panels are resized with nearest, so their values stay exact."""
+
+    def __init__(self, root, split="train", size=(256, 256), flip=False):
+        root = Path(root)
+        layout = f"{root}/{{train,val}}/*.jpg|png, each 6 panels side by side {{{', '.join(PANELS)}}}"
+        d = root / split
+        _need_dir(d, root, layout)
+        self.files = sorted(_files(d, IMG_EXT).values())
+        if not self.files:
+            raise DatasetError(f"{d}: no images found; expected layout: {layout}")
+        self.flip = flip
+        self.info = DataInfo("crossview", 6, False, False, size[0], size[1], "crossview",
+                             ["class%d" % i for i in range(6)])
+
+    def __len__(self):
+        return len(self.files)
+
+    def _grey_label(self, im, path, which):
+        g = np.asarray(im.convert("L")).astype(np.int64)
+        bad = (g < 5) | (g > 65)  # far from every 10..60 level (tolerates JPEG noise of a few levels)
+        if bad.any():
+            raise DatasetError(f"{path}: {which} panel value {int(g[bad][0])} is not a class grey level 10..60")
+        return np.clip(np.rint(g / 10).astype(np.int64) - 1, 0, 5)
+
+    def __getitem__(self, i):
+        path = self.files[i]
+        im = _open(path, "cross-view panel image")
+        W6, h = im.size
+        if W6 % 6:
+            raise DatasetError(f"{path}: width {W6} is not 6 equal panels ({', '.join(PANELS)} side by side)")
+        w = W6 // 6
+        p = [im.crop((k * w, 0, (k + 1) * w, h)) for k in range(6)]
+        H, W = self.info.height, self.info.width
+        la = torch.from_numpy(_resize_nearest(self._grey_label(p[4], path, "L_a"), H, W))
+        lg = torch.from_numpy(_resize_nearest(self._grey_label(p[5], path, "L_g"), H, W))
+        out = {"image_a": _image_tensor(p[0], H, W), "image": _image_tensor(p[1], H, W),
+               "seg_a": _image_tensor(p[2], H, W), "seg": _image_tensor(p[3], H, W),
+               "label_a": la, "label": lg, "path": str(path)}
+        if self.flip and torch.rand(()) < 0.5:
+            out = {k: (v.flip(-1) if torch.is_tensor(v) else v) for k, v in out.items()}
+        return out
+
+
+# -----------------------------------------------------------------------------
+# name -> dataset
+
+# name: (num_classes, dontcare, has_instance, default size)
+SPECS = {"cityscapes": (35, False, True, (256, 512)), "ade20k": (150, True, False, (256, 256)),
+         "coco": (182, True, True, (256, 256)), "facades": (13, False, False, (256, 256)),
+         "deepfashion": (20, False, False, (256, 256)), "celebamask": (19, False, False, (256, 256))}
+NAMES = ("synthetic", "synthetic_crossview", *SPECS, "custom", "crossview")
+
+
+def make_dataset(name="synthetic", dataroot=None, split="train", size=None, **kw):
+    """Dataset with .info. size = (H, W). Real datasets: flip (default: split == "train") flips image and label
+    together. synthetic*: length, seed. deepfashion/celebamask: label_dir, image_dir (default
+    <dataroot>/{split}_label, {split}_img). custom: label_dir, image_dir, num_classes, dontcare_value, instance_dir."""
+    if name not in NAMES:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(NAMES)}")
+    if name in ("synthetic", "synthetic_crossview"):
+        return SyntheticStreets(split, tuple(size or (64, 128)), crossview=name == "synthetic_crossview", **kw)
+    flip = kw.pop("flip", split == "train")
+    if name == "crossview":
+        if dataroot is None:
+            raise DatasetError("crossview needs --dataroot")
+        return CrossViewPanels(dataroot, split, tuple(size or (256, 256)), flip=flip)
+    offset, dontcare_value = 0, None
+    if name == "custom":
+        if kw.get("num_classes") is None:
+            raise DatasetError("custom dataset needs num_classes")
+        n, dontcare_value = int(kw["num_classes"]), kw.get("dontcare_value")
+        spec = (n, dontcare_value is not None, kw.get("instance_dir") is not None, (256, 256))
+        items, insts = _dir_pairs(kw.get("label_dir"), kw.get("image_dir"), kw.get("instance_dir"))
+    else:
+        spec = SPECS[name]
+        if dataroot is None and name not in ("deepfashion", "celebamask"):
+            raise DatasetError(f"{name} needs --dataroot")
+        if name == "cityscapes":
+            items, insts = _cityscapes(dataroot, split)
+        elif name == "ade20k":
+            items, insts = _ade20k(dataroot, split)
+            offset, dontcare_value = 1, 0  # ADE20K: 0 = unlabelled, classes 1..150 -> ids 0..149
+        elif name in ("coco", "facades"):
+            items, insts = _gaugan_pairs(dataroot, split, inst=spec[2])
+            if name == "coco":
+                dontcare_value = 255
+        else:  # deepfashion, celebamask
+            root = Path(dataroot) if dataroot is not None else None
+            ld = kw.get("label_dir") or (root / f"{split}_label" if root else None)
+            idir = kw.get("image_dir") or (root / f"{split}_img" if root else None)
+            items, insts = _dir_pairs(ld, idir)
+    n, dontcare, has_inst, default = spec
+    H, W = tuple(size or default)
+    info = DataInfo(name, n, dontcare, has_inst, H, W)
+    return FolderDataset(info, items, insts, offset, dontcare_value, flip)
+
+
+# -----------------------------------------------------------------------------
+# look at it: python data.py [--dataset NAME --dataroot PATH] [--out samples_data.png]
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="write a PNG grid: image | colour label | Canny edges")
+    ap.add_argument("--dataset", default="synthetic", choices=NAMES)
+    ap.add_argument("--dataroot", default=None)
+    ap.add_argument("--split", default="train")
+    ap.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"))
+    ap.add_argument("--n", type=int, default=8, help="samples (rows)")
+    ap.add_argument("--label_dir", default=None)
+    ap.add_argument("--image_dir", default=None)
+    ap.add_argument("--num_classes", type=int, default=None)
+    ap.add_argument("--out", default="samples_data.png")
+    args = ap.parse_args()
+    kw = {k: getattr(args, k) for k in ("label_dir", "image_dir", "num_classes") if getattr(args, k) is not None}
+    if not args.dataset.startswith("synthetic"):
+        kw["flip"] = False
+    size = tuple(args.size) if args.size else ((128, 256) if args.dataset.startswith("synthetic") else None)
+    ds = make_dataset(args.dataset, args.dataroot, args.split, size, **kw)
+    info = ds.info
+    batch = torch.utils.data.default_collate([ds[i] for i in range(min(args.n, len(ds)))])
+    edge = canny(batch["image"]) * 2 - 1
+    if info.task == "crossview":
+        cols, titles = [batch["image_a"], batch["seg_a"], batch["image"], batch["seg"], edge], \
+            ["I_a", "S_a", "I_g", "S_g", "Canny(I_g)"]
+    else:
+        cols = [batch["image"], colorize(batch["label"], info.num_classes), edge]
+        titles = ["image", "label", "Canny"]
+        if info.has_instance:
+            cols.append(instance_boundaries(batch["instance"]) * 2 - 1)
+            titles.append("instance boundaries")
+    save_grid(cols, args.out, titles)
+    print(f"{info.name} ({len(ds)} {args.split} samples, {info.num_classes} classes, {info.height}x{info.width}): "
+          f"wrote {args.out}")
