@@ -129,7 +129,8 @@ class GauGANGenerator(nn.Module):
     def __init__(self, cfg, input_nc, height, width, head=True):
         super().__init__()
         if cfg.num_upsampling_layers not in NUM_UPSAMPLES:
-            raise ValueError(f"num_upsampling_layers={cfg.num_upsampling_layers!r}: expected one of {list(NUM_UPSAMPLES)}")
+            raise ValueError(f"num_upsampling_layers={cfg.num_upsampling_layers!r}: "
+                             f"expected one of {list(NUM_UPSAMPLES)}")
         self.more = cfg.num_upsampling_layers == "more"
         n_up = NUM_UPSAMPLES[cfg.num_upsampling_layers]
         if height % 2**n_up or width % 2**n_up:
@@ -230,8 +231,8 @@ class PatchDiscriminator(nn.Module):
         for n in range(1, n_layers):
             nf_prev, nf = nf, min(nf * 2, 512)
             stride = 1 if n == n_layers - 1 else 2
-            layers.append(nn.Sequential(
-                spectral_norm(nn.Conv2d(nf_prev, nf, 4, stride=stride, padding=2, bias=False)),  # bias is cancelled by the norm
+            layers.append(nn.Sequential(  # no bias: instance norm would cancel it
+                spectral_norm(nn.Conv2d(nf_prev, nf, 4, stride=stride, padding=2, bias=False)),
                 nn.InstanceNorm2d(nf, affine=False), nn.LeakyReLU(0.2)))
         layers.append(nn.Conv2d(nf, 1, 4, stride=1, padding=2))
         self.layers = nn.ModuleList(layers)
