@@ -1,0 +1,568 @@
+"""
+LGGAN and LGGAN++: "Local Class-Specific and Global Image-Level Generative Adversarial Networks for
+Semantic-Guided Scene Generation" (Tang, Xu, Yan, Torr, Sebe; CVPR 2020) and its extension "Local and Global
+GANs with Semantic-Aware Upsampling for Image Generation" (Tang, Shao, Torr, Sebe; TPAMI 2022).
+
+Semantic image synthesis (Fig. 2, Sec. 3.3): a parameter-sharing encoder E (Sec. 3.1) feeds
+    G_g  a global image-level generator (the GauGAN trunk of gaugan.py),
+    G_l  a local class-specific generator: one 7x7 conv per class on the class-masked feature (Eq. 2),
+         masked per-class L1 (Eq. 3), fusion by addition (Eq. 4) or by a conv (Eq. 5), and a classification
+         module with void-class filtering (Eq. 6),
+    G_w  a pixel-level weight map (Eq. 7) fusing the two results (Eq. 8),
+judged by the semantic-guided discriminator D_s (Eq. 9) on the fused, global and local results.
+Cross-view translation (Sec. 4.1.1, Table 4): a ResNet generator on concat(I_a, S_g) with global, local and
+weight-map decoders, judged by D_s on concat(S_g, image) and D_i on concat(I_a, image) (Eq. 10).
+LGGAN++ = LGGAN with every upsampling layer an SAU (sau.py, Sec. 3.2): `upsample="sau"`.
+
+Map of this file
+    ResBlock, up_block, Encoder     building blocks; E of Sec. 3.1
+    ClassGenerator                  per-class generation (Eq. 2), `naive` loop or `vectorized` grouped conv
+    class_ce                        classification loss with void classes filtered (Eq. 6)
+    LocalGenerator, WeightMap       G_l (Eqs. 2-6) and G_w (Eq. 7)
+    LGGANConfig, TASK_DEFAULTS      every hyperparameter, with the Table 9 ablation switches
+    LGGANGenerator                  semantic synthesis: E + G_g + G_l + G_w, fusion Eq. 8
+    CrossViewGenerator              cross-view translation generator (Table 4: 12.19M)
+    PatchGAN, CrossViewDiscriminator  70x70 PatchGAN; D_s + D_i (Table 4: 2.77M each)
+    losses                          masked L1 (Eq. 3), total variation, vanilla GAN (Eqs. 9, 10)
+    model interface                 Config, build, g_step, d_step, sample (train.py / eval.py)
+    __main__                        parameter table; `--bench` per-class generation and step-time benchmark
+
+Ablations of Table 9 (semantic synthesis, Cityscapes); one config field per component. `local=False`
+removes everything that depends on the local branch (nothing of it is built):
+    | row | setup                       | local | conv_fusion | cls_loss | weight_map |
+    | B1  | global only                 | False |      -      |    -     |     -      |
+    | B2  | B1 + local (addition, Eq 4) | True  |    False    |  False   |   False    |
+    | B3  | B1 + local (conv, Eq 5)     | True  |    True     |  False   |   False    |
+    | B4  | B3 + classification loss    | True  |    True     |  True    |   False    |
+    | B5  | B4 + weight map (full)      | True  |    True     |  True    |   True     |
+Without the weight map (B2-B4) the final image is the mean of the global and local results (Eq. 8 with
+W_g = W_l = 1/2): the paper does not say how B2-B4 combine them.
+
+Upsampling (`upsample`): the global trunk always uses sau.make_upsampler(upsample). The local and
+weight-map branches (and the cross-view decoders) use the paper's / public code's 3x3 stride-2 transposed
+convs when upsample is "nearest" (the published LGGAN: GauGAN's nearest trunk + transposed-conv branches,
+Sec. 3.3) or "deconv"; any other name (e.g. "sau" = LGGAN++) gives that upsampler followed by a 3x3 conv
+(same parameter count as the transposed conv plus the upsampler's own).
+
+Choices where the paper and the public code are silent or buggy (each is named where it is made):
+    - each class image is multiplied by its mask again, tanh(conv_c(F_c)) * M_c: Eq. 3 trains it to zero
+      outside M_c anyway, and it makes absent classes contribute exactly nothing, so the vectorized
+      version may skip them and still equal the naive loop;
+    - every real class (info.num_classes) gets its own branch (the public ADE20K code shares one branch for
+      classes 51-150); the dontcare channel gets none;
+    - class CE is averaged over the (sample, class) pairs present, for any batch size (public: batch 1 only).
+"""
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import gaugan
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+class ResBlock(nn.Module):
+    """pix2pixHD residual block: reflect pad, 3x3 conv, IN, ReLU, reflect pad, 3x3 conv, IN; + x."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.ReflectionPad2d(1), nn.Conv2d(ch, ch, 3), nn.InstanceNorm2d(ch), nn.ReLU(),
+            nn.ReflectionPad2d(1), nn.Conv2d(ch, ch, 3), nn.InstanceNorm2d(ch))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+def up_block(cin, cout, upsample):
+    """x2 upsampling cin -> cout, then IN and ReLU: (B, cin, H, W) -> (B, cout, 2H, 2W).
+    "nearest"/"deconv": the public code's 3x3 stride-2 transposed conv; else the named upsampler + 3x3 conv."""
+    if upsample in ("nearest", "deconv"):
+        layers = [nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1)]
+    else:
+        layers = [gaugan.make_upsampler(upsample, cin, scale=2), nn.Conv2d(cin, cout, 3, padding=1)]
+    return nn.Sequential(*layers, nn.InstanceNorm2d(cout), nn.ReLU())
+
+
+class Encoder(nn.Module):
+    """Parameter-sharing encoder E (Sec. 3.1): reflect-pad 7x7 conv -> ngf, four stride-2 3x3 convs
+    -> 2, 4, 8, 16 ngf (64 ... 1024 at ngf=64, public code), IN without affine, ReLU."""
+
+    def __init__(self, input_nc, ngf):
+        super().__init__()
+        w = [ngf, 2 * ngf, 4 * ngf, 8 * ngf, 16 * ngf]
+        self.stem = nn.Sequential(nn.ReflectionPad2d(3), nn.Conv2d(input_nc, w[0], 7), nn.InstanceNorm2d(w[0]),
+                                  nn.ReLU())
+        self.down = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(a, b, 3, stride=2, padding=1), nn.InstanceNorm2d(b), nn.ReLU())
+            for a, b in zip(w[:-1], w[1:]))
+
+    def forward(self, x):
+        x = self.stem(x)                      # (B, L, H, W) -> (B, ngf, H, W)
+        feats = []
+        for down in self.down:
+            x = down(x)
+            feats.append(x)
+        return feats[1], feats[3]             # (B, 4ngf, H/4, W/4) for G_l and G_w; (B, 16ngf, H/16, W/16) for G_g
+
+
+# ----------------------------------------------------------------------------- G_l: per-class generation
+
+IMPLS = ("naive", "vectorized")
+
+
+class ClassGenerator(nn.Module):
+    """Class c's image: tanh(conv7x7_c(F * M_c)) * M_c (Eq. 2 and the per-class conv of Fig. 6).
+
+    One weight tensor (N, 3, C, 7, 7) and bias (N, 3) serve both implementations, so their state dicts are
+    interchangeable:
+      naive       one conv per dataset class in a Python loop (as the public code): cost ~ N.
+      vectorized  gathers the weights of the K classes present anywhere in the batch and runs ONE grouped conv
+                  (groups=K) over the K masked copies of F: time and memory ~ K, not N (ADE20K: N=150, K~10).
+                  Absent classes output exactly zero in both (masked output), so skipping them changes nothing.
+    Indexing self.weight[idx] still gives the whole Parameter a gradient (zero rows for absent classes), so
+    under DDP without find_unused_parameters every parameter is reduced every step.
+    Returns images (B, K, 3, H, W), idx (K,) the class ids, pooled (B, K, C) the GAP of each F_c (Eq. 6).
+    """
+
+    def __init__(self, num_classes, channels, impl="vectorized"):
+        super().__init__()
+        if impl not in IMPLS:
+            raise ValueError(f"lggan.py: impl={impl!r}, expected one of {IMPLS}")
+        self.num_classes, self.impl = num_classes, impl
+        self.weight = nn.Parameter(torch.empty(num_classes, 3, channels, 7, 7))
+        self.bias = nn.Parameter(torch.zeros(num_classes, 3))
+        # the public code's xavier-normal init (gain 0.02) of each per-class nn.Conv2d
+        fan_in, fan_out = channels * 49, 3 * 49
+        nn.init.normal_(self.weight, 0.0, 0.02 * math.sqrt(2.0 / (fan_in + fan_out)))
+
+    def forward(self, feat, masks):
+        B, C, H, W = feat.shape                                      # masks (B, N, H, W) one-hot of real classes
+        if self.impl == "naive":
+            images, pooled = [], []
+            for c in range(self.num_classes):
+                m = masks[:, c:c + 1]
+                f_c = feat * m                                       # Eq. 2
+                pooled.append(f_c.mean((2, 3)))
+                y = F.conv2d(F.pad(f_c, (3, 3, 3, 3), mode="reflect"), self.weight[c], self.bias[c])
+                images.append(torch.tanh(y) * m)                     # (B, 3, H, W)
+            idx = torch.arange(self.num_classes, device=feat.device)
+            return torch.stack(images, 1), idx, torch.stack(pooled, 1)
+        # classes present anywhere in the batch (one host sync); never empty, so the grouped conv is valid and
+        # every parameter stays in the graph even for an all-dontcare batch
+        idx = (masks.amax((0, 2, 3)) > 0).nonzero().squeeze(1)
+        if idx.numel() == 0:
+            idx = torch.zeros(1, dtype=torch.long, device=feat.device)
+        K = idx.numel()
+        m = masks[:, idx]                                            # (B, K, H, W)
+        x = (feat.unsqueeze(1) * m.unsqueeze(2)).flatten(1, 2)       # Eq. 2: (B, K*C, H, W), F_c stacked
+        w = self.weight[idx].flatten(0, 1)                           # (K*3, C, 7, 7)
+        y = F.conv2d(F.pad(x, (3, 3, 3, 3), mode="reflect"), w, self.bias[idx].flatten(), groups=K)
+        images = torch.tanh(y).unflatten(1, (K, 3)) * m.unsqueeze(2)  # (B, K*3, H, W) -> (B, K, 3, H, W)
+        pooled = torch.einsum("bchw,bkhw->bkc", feat, m) / (H * W)  # GAP of F_c without the K copies
+        return images, idx, pooled
+
+
+def class_ce(logits, idx, present):
+    """Eq. 6: cross-entropy of each F_c's prediction against its class c, only where class c is present in
+    that sample (H_c = 1), averaged over the counted (sample, class) pairs. logits (B, K, N), idx (K,),
+    present (B, K) in {0, 1}. Correct for any batch size (the public code is for batch 1)."""
+    B, K, N = logits.shape
+    ce = F.cross_entropy(logits.reshape(B * K, N), idx.repeat(B), reduction="none").view(B, K)
+    return (ce * present).sum() / present.sum().clamp(min=1)
+
+
+class LocalGenerator(nn.Module):
+    """G_l: residual blocks on E's H/4 feature, two x2 up blocks to a ngf-channel full-resolution f',
+    per-class generation, fusion (Eq. 4 sum or Eq. 5 conv + tanh), classification module (Eq. 6)."""
+
+    def __init__(self, num_classes, ngf, n_res, upsample, conv_fusion, cls_loss, impl):
+        super().__init__()
+        self.num_classes = num_classes
+        self.res = nn.Sequential(*[ResBlock(4 * ngf) for _ in range(n_res)])
+        self.up = nn.Sequential(up_block(4 * ngf, 2 * ngf, upsample), up_block(2 * ngf, ngf, upsample))
+        self.classes = ClassGenerator(num_classes, ngf, impl)
+        self.fuse = nn.Conv2d(3 * num_classes, 3, 3, padding=1) if conv_fusion else None     # Eq. 5
+        self.classifier = nn.Linear(ngf, num_classes) if cls_loss else None                 # Eq. 6's f(.)
+
+    def forward(self, f4, masks):
+        feat = self.up(self.res(f4))                       # (B, 4ngf, H/4, W/4) -> (B, ngf, H, W) = f'
+        images, idx, pooled = self.classes(feat, masks)
+        if self.fuse is None:
+            local = images.sum(1)                          # Eq. 4: (B, K, 3, H, W) -> (B, 3, H, W)
+        else:                                              # Eq. 5 over the present classes' input channels only:
+            N = self.num_classes                           # absent classes' channels are all zero
+            w = self.fuse.weight.view(3, N, 3, 3, 3)[:, idx].flatten(1, 2)
+            local = torch.tanh(F.conv2d(images.flatten(1, 2), w, self.fuse.bias, padding=1))
+        out = {"local": local, "class_images": images, "class_idx": idx}
+        if self.classifier is not None:
+            present = masks[:, idx].amax((2, 3))           # (B, K): H of Eq. 6 per sample
+            out["cls_loss"] = class_ce(self.classifier(pooled), idx, present)
+        return out
+
+
+class WeightMap(nn.Module):
+    """G_w (Eq. 7): two x2 up blocks (-> 2ngf, ngf) on E's H/4 feature, 1x1 conv -> 2, channel softmax.
+    The paper puts IN + ReLU after the 2-channel conv too; we feed the raw logits to the softmax."""
+
+    def __init__(self, ngf, upsample):
+        super().__init__()
+        self.up = nn.Sequential(up_block(4 * ngf, 2 * ngf, upsample), up_block(2 * ngf, ngf, upsample))
+        self.conv = nn.Conv2d(ngf, 2, 1)
+
+    def forward(self, f4):
+        return torch.softmax(self.conv(self.up(f4)), 1)   # (B, 4ngf, H/4, W/4) -> (B, 2, H, W), sums to 1
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class LGGANConfig:
+    task: str = "semantic"                # "semantic" | "crossview" (Sec. 4.1.1); train.py sets it from --task
+    ngf: int = 64                         # width: GauGAN nf; E is ngf..16ngf = 64..1024 (public code)
+    ndf: int = 64                         # discriminator width (public code, pix2pix)
+    num_upsampling_layers: str = "normal"  # GauGAN trunk: "normal" | "more" (Cityscapes, public code)
+    upsample: str = "nearest"             # sau.make_upsampler name; "sau" = LGGAN++ (Sec. 3.2, Table 12)
+    norm: str = "instance"                # SPADE param-free norm of the trunk (GauGAN)
+    n_res: int = 9                        # residual blocks of G_l / the cross-view generator (public code)
+    impl: str = "vectorized"              # per-class generation: "naive" (public loop) | "vectorized"
+    local: bool = True                    # Table 9 B2+: local class-specific generator G_l
+    conv_fusion: bool = True              # Table 9 B3+: Eq. 5 conv fusion (False: Eq. 4 addition)
+    cls_loss: bool = True                 # Table 9 B4+: classification-based feature learning (Eq. 6)
+    weight_map: bool = True               # Table 9 B5: weight-map fusion G_w (Eqs. 7, 8)
+    num_D: int = 2                        # D_s scales (GauGAN multiscale D, semantic synthesis)
+    n_layers_D: int = 4                   # D_s PatchGAN depth (GauGAN convention, public code)
+    lambda_feat: float = 10.0             # feature matching, each of the 3 outputs (public code)
+    lambda_vgg: float = 10.0              # VGG19 perceptual, each output (public code; cross-view too)
+    lambda_local_l1: float = 1.0          # Eq. 3 masked per-class L1 (public code: 1 semantic, 100 cross-view)
+    lambda_cls: float = 1.0               # Eq. 6 class CE (public code)
+    lambda_l1: float = 100.0              # cross-view: L1 on the three outputs (public cross-view code)
+    lambda_tv: float = 1e-6               # cross-view: total variation of the final image (public code)
+    lr_g: float = 1e-4                    # semantic: GauGAN TTUR; cross-view 2e-4 (TASK_DEFAULTS)
+    lr_d: float = 4e-4                    # semantic: GauGAN TTUR; cross-view 2e-4
+    beta1: float = 0.0                    # semantic: GauGAN; cross-view 0.5
+    beta2: float = 0.9                    # semantic: GauGAN; cross-view 0.999
+
+    @classmethod
+    def for_task(cls, task, **kw):
+        """The paper's defaults for a task; keyword arguments override them."""
+        return cls(**{"task": task, **TASK_DEFAULTS[task], **kw})
+
+
+# Fields whose paper value depends on the task (public cross-view code: Adam 2e-4, betas (0.5, 0.999),
+# masked L1 x100). Apply them for flags not given on the command line, like train.py's PRESETS.
+TASK_DEFAULTS = {
+    "semantic": {},
+    "crossview": dict(lr_g=2e-4, lr_d=2e-4, beta1=0.5, beta2=0.999, lambda_local_l1=100.0),
+}
+Config = LGGANConfig
+
+
+def gaugan_config(cfg):
+    """The GauGANConfig of the global generator G_g."""
+    names = {f.name for f in fields(gaugan.GauGANConfig)}
+    return gaugan.GauGANConfig(**{k: getattr(cfg, k) for k in ("ngf", "ndf", "num_upsampling_layers", "upsample",
+                                                                "norm", "num_D", "n_layers_D") if k in names})
+
+
+# ----------------------------------------------------------------------------- generators
+
+class LGGANGenerator(nn.Module):
+    """Semantic image synthesis: E -> G_g (global), G_l (local), G_w (weights) -> Eq. 8."""
+
+    def __init__(self, cfg, info):
+        super().__init__()
+        self.num_classes = info.num_classes
+        self.encoder = Encoder(info.input_nc, cfg.ngf)
+        # GauGAN trunk without its first conv: E's 16ngf feature replaces it (widths match at any ngf)
+        self.global_gen = gaugan.GauGANGenerator(gaugan_config(cfg), info.input_nc, info.height, info.width,
+                                                 head=False)
+        self.local_gen = (LocalGenerator(info.num_classes, cfg.ngf, cfg.n_res, cfg.upsample, cfg.conv_fusion,
+                                         cfg.cls_loss, cfg.impl) if cfg.local else None)
+        self.weight_map = WeightMap(cfg.ngf, cfg.upsample) if cfg.local and cfg.weight_map else None
+
+    def forward(self, input, onehot):
+        """input (B, input_nc, H, W) label map (+ instance edges); onehot (B, label_nc, H, W).
+        Returns a dict: fake, global [, local, class_images, class_idx, cls_loss, weights (B, 2, H, W)]."""
+        f4, f16 = self.encoder(input)
+        gg = self.global_gen
+        x = F.interpolate(f16, size=(gg.sh, gg.sw), mode="nearest")  # (B, 16ngf, H/16, W/16) -> (sh, sw)
+        out = {"global": gg.to_rgb(gg.trunk(x, input))}
+        if self.local_gen is None:                                   # B1
+            out["fake"] = out["global"]
+            return out
+        out.update(self.local_gen(f4, onehot[:, :self.num_classes]))
+        if self.weight_map is None:                                  # B2-B4: equal weights
+            out["fake"] = 0.5 * (out["global"] + out["local"])
+        else:
+            w = self.weight_map(f4)                                  # Eq. 7
+            out["weights"] = w
+            out["fake"] = out["global"] * w[:, :1] + out["local"] * w[:, 1:]   # Eq. 8
+        return out
+
+
+class CrossViewGenerator(nn.Module):
+    """Sec. 4.1.1 / Table 4: concat(I_a, S_g) (6 ch) -> 7x7 conv, two stride-2 3x3 convs (pix2pix ResNet
+    generator) -> n_res residual blocks -> three decoders of two x2 up blocks each: global image (7x7 conv,
+    tanh), local (per-class 7x7 convs on the class-masked feature, summed, Eq. 4), weight map (1x1 conv ->
+    2, softmax, Eq. 7); final image by Eq. 8."""
+
+    def __init__(self, cfg, info, in_channels=6):
+        super().__init__()
+        ngf, up = cfg.ngf, cfg.upsample
+        self.num_classes = info.num_classes
+        self.encoder = nn.Sequential(
+            nn.ReflectionPad2d(3), nn.Conv2d(in_channels, ngf, 7), nn.InstanceNorm2d(ngf), nn.ReLU(),
+            nn.Conv2d(ngf, 2 * ngf, 3, stride=2, padding=1), nn.InstanceNorm2d(2 * ngf), nn.ReLU(),
+            nn.Conv2d(2 * ngf, 4 * ngf, 3, stride=2, padding=1), nn.InstanceNorm2d(4 * ngf), nn.ReLU(),
+            *[ResBlock(4 * ngf) for _ in range(cfg.n_res)])
+        decoder = lambda: nn.Sequential(up_block(4 * ngf, 2 * ngf, up), up_block(2 * ngf, ngf, up))
+        self.global_dec = nn.Sequential(decoder(), nn.ReflectionPad2d(3), nn.Conv2d(ngf, 3, 7), nn.Tanh())
+        self.local_dec = decoder()
+        self.classes = ClassGenerator(info.num_classes, ngf, cfg.impl)
+        self.weight_dec = nn.Sequential(decoder(), nn.Conv2d(ngf, 2, 1))
+
+    def forward(self, input, onehot):
+        x = self.encoder(input)                            # (B, 6, H, W) -> (B, 4ngf, H/4, W/4)
+        images, idx, _ = self.classes(self.local_dec(x), onehot[:, :self.num_classes])
+        w = torch.softmax(self.weight_dec(x), 1)           # Eq. 7
+        out = {"global": self.global_dec(x), "local": images.sum(1), "class_images": images, "class_idx": idx,
+               "weights": w}
+        out["fake"] = out["global"] * w[:, :1] + out["local"] * w[:, 1:]   # Eq. 8
+        return out
+
+
+# ----------------------------------------------------------------------------- discriminators
+
+class PatchGAN(nn.Module):
+    """pix2pix 70x70 PatchGAN (n_layers=3): 4x4 convs 64 (s2, no norm), 128 (s2), 256 (s2), 512 (s1), 1 (s1),
+    instance norm, LeakyReLU 0.2. 2.7678M parameters on 6 input channels (Table 4)."""
+
+    def __init__(self, in_channels, ndf=64, n_layers=3):
+        super().__init__()
+        layers, nf = [nn.Conv2d(in_channels, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2)], ndf
+        for n in range(1, n_layers + 1):
+            nf_prev, nf = nf, ndf * min(2 ** n, 8)
+            layers += [nn.Conv2d(nf_prev, nf, 4, stride=2 if n < n_layers else 1, padding=1),
+                       nn.InstanceNorm2d(nf), nn.LeakyReLU(0.2)]
+        layers.append(nn.Conv2d(nf, 1, 4, stride=1, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)                                 # (B, C, H, W) -> (B, 1, ~H/8, ~W/8) logits
+
+
+class CrossViewDiscriminator(nn.Module):
+    """D_s judges concat(S_g, image) (Eq. 9), D_i judges concat(I_a, image) (Eq. 10)."""
+
+    def __init__(self, ndf=64):
+        super().__init__()
+        self.D_s, self.D_i = PatchGAN(6, ndf), PatchGAN(6, ndf)
+
+    def forward(self, seg, image_a, images):
+        return self.D_s(torch.cat([seg, images], 1)), self.D_i(torch.cat([image_a, images], 1))
+
+
+# ----------------------------------------------------------------------------- losses
+
+def masked_l1(class_images, idx, onehot, real):
+    """Eq. 3: sum over classes of E||I_g * M_c - I_c||_1 (mean over B, 3, H, W, as nn.L1Loss)."""
+    m = onehot[:, idx].unsqueeze(2)                        # (B, K, 1, H, W)
+    return (real.unsqueeze(1) * m - class_images).abs().sum(1).mean()
+
+
+def tv_loss(x):
+    """Total variation: summed absolute neighbour differences (public cross-view code), mean over the batch."""
+    return ((x[:, :, 1:] - x[:, :, :-1]).abs().sum() + (x[..., 1:] - x[..., :-1]).abs().sum()) / x.shape[0]
+
+
+def bce(logits, target_real):
+    """Vanilla GAN (the log terms of Eqs. 9, 10), non-saturating for G."""
+    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, float(target_real)))
+
+
+def outputs_of(out):
+    """The images every loss judges: fused, global and local (only fused for B1)."""
+    return [out["fake"]] + ([out["global"], out["local"]] if "local" in out else [])
+
+
+def split_preds(preds, n):
+    """D output of a batch of n equal chunks -> n D outputs (num_D lists of features each)."""
+    return [[[f.chunk(n)[i] for f in scale] for scale in preds] for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- model interface
+
+def build(cfg, info):
+    if cfg.task != info.task:
+        raise ValueError(f"lggan.py: config task={cfg.task!r} but dataset {info.name!r} is for task {info.task!r}; "
+                         f"pass --task {info.task}")
+    if cfg.impl not in IMPLS:
+        raise ValueError(f"lggan.py: impl={cfg.impl!r}, expected one of {IMPLS}")
+    if cfg.task == "crossview":
+        if (cfg.lr_g, cfg.beta1) == (Config.lr_g, Config.beta1):
+            warnings.warn("lggan.py: cross-view run with the semantic-synthesis optimiser settings; the paper's are "
+                          f"{TASK_DEFAULTS['crossview']} (LGGANConfig.for_task('crossview'))")
+        G, D = CrossViewGenerator(cfg, info), CrossViewDiscriminator(cfg.ndf)
+    elif cfg.task == "semantic":
+        G = LGGANGenerator(cfg, info)
+        D = gaugan.MultiscaleDiscriminator(info.input_nc + 3, cfg.ndf, cfg.n_layers_D, cfg.num_D)
+    else:
+        raise ValueError(f"lggan.py: task={cfg.task!r}, expected 'semantic' or 'crossview'")
+    return gaugan.init_weights(G), gaugan.init_weights(D)
+
+
+def g_step(G, D, batch, cfg, vgg=None):
+    real, onehot = batch["image"], batch["onehot"]
+    out = G(batch["input"], onehot)                        # the one G call
+    fakes = outputs_of(out)
+    n = len(fakes)
+    logs = {}
+    if cfg.task == "crossview":
+        # both D judge the three outputs, one forward each on their concatenation along the batch
+        p_s, p_i = D(batch["seg"].repeat(n, 1, 1, 1), batch["image_a"].repeat(n, 1, 1, 1), torch.cat(fakes))
+        logs["G_gan"] = n * (bce(p_s, 1) + bce(p_i, 1))    # summed over the outputs (Eqs. 9, 10)
+        logs["G_l1"] = cfg.lambda_l1 * sum(F.l1_loss(f, real) for f in fakes)
+        logs["G_tv"] = cfg.lambda_tv * tv_loss(out["fake"])
+    else:
+        # D_s (Eq. 9) on the n outputs and the real image in one forward (real features for feature matching)
+        x = gaugan.d_input(batch["input"].repeat(n + 1, 1, 1, 1), torch.cat(fakes + [real]))
+        *fake_preds, real_preds = split_preds(D(x), n + 1)
+        logs["G_gan"] = sum(gaugan.hinge_g_loss(p) for p in fake_preds)
+        logs["G_feat"] = cfg.lambda_feat * sum(gaugan.feature_matching_loss(p, real_preds) for p in fake_preds)
+        if "cls_loss" in out:
+            logs["G_cls"] = cfg.lambda_cls * out["cls_loss"]   # Eq. 6
+    if vgg is not None:  # one VGG forward; the mean over n equal chunks times n = the sum over outputs
+        logs["G_vgg"] = cfg.lambda_vgg * n * gaugan.vgg_loss(vgg, torch.cat(fakes), real.repeat(n, 1, 1, 1))
+    if "class_images" in out:
+        logs["G_l1_local"] = cfg.lambda_local_l1 * masked_l1(out["class_images"], out["class_idx"], onehot, real)
+    loss = sum(logs.values())
+    return loss, {k: v.detach() for k, v in logs.items()}
+
+
+def d_step(G, D, batch, cfg):
+    real = batch["image"]
+    with torch.no_grad():
+        fakes = outputs_of(G(batch["input"], batch["onehot"]))
+    n = len(fakes)
+    images = torch.cat([real] + fakes)                     # real and every fake in ONE D forward
+    if cfg.task == "crossview":
+        p_s, p_i = D(batch["seg"].repeat(n + 1, 1, 1, 1), batch["image_a"].repeat(n + 1, 1, 1, 1), images)
+        l_real = n * sum(0.5 * bce(p.chunk(n + 1)[0], 1) for p in (p_s, p_i))       # pix2pix's 0.5 * (real + fake)
+        l_fake = sum(0.5 * bce(c, 0) for p in (p_s, p_i) for c in p.chunk(n + 1)[1:])
+    else:
+        preds = split_preds(D(gaugan.d_input(batch["input"].repeat(n + 1, 1, 1, 1), images)), n + 1)
+        # the public code adds one hinge D loss per output, so the real term counts n times
+        l_real = n * sum(F.relu(1 - s[-1]).mean() for s in preds[0]) / len(preds[0])
+        l_fake = sum(sum(F.relu(1 + s[-1]).mean() for s in p) / len(p) for p in preds[1:])
+    return l_real + l_fake, {"D_real": l_real.detach(), "D_fake": l_fake.detach()}
+
+
+@torch.no_grad()
+def sample(G, batch):
+    out = G(batch["input"], batch["onehot"])
+    cols = {"fake": out["fake"]}
+    if "local" in out:
+        cols["global"], cols["local"] = out["global"], out["local"]
+    if "weights" in out:  # weight maps (B, 1, H, W) in [0, 1] -> [-1, 1] for the grid
+        cols["w_global"], cols["w_local"] = 2 * out["weights"][:, :1] - 1, 2 * out["weights"][:, 1:] - 1
+    return cols
+
+
+# ----------------------------------------------------------------------------- parameter table, benchmark
+
+def table_infos():
+    """(row name, config, DataInfo) of the parameter table: the public code's settings."""
+    import data
+    city = data.DataInfo("cityscapes", 35, False, True, 256, 512)          # 35 label ids + instance edges
+    ade = data.DataInfo("ade20k", 150, True, False, 256, 256)             # 150 classes + dontcare
+    cv = data.DataInfo("crossview", 6, False, False, 256, 256, "crossview")  # 6 grouped classes (Dayton)
+    return [("cityscapes", Config(num_upsampling_layers="more"), city),
+            ("cityscapes sau", Config(num_upsampling_layers="more", upsample="sau"), city),
+            ("ade20k", Config(), ade),
+            ("crossview", Config.for_task("crossview"), cv)]
+
+
+def count_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def label_map(B, H, W, num_classes, present, block=8, seed=0):
+    """A blocky label map using `present` of the num_classes classes (each appears at least once)."""
+    g = torch.Generator().manual_seed(seed)
+    classes = torch.randperm(num_classes, generator=g)[:present]
+    cells = torch.randint(0, present, (B, H // block, W // block), generator=g)
+    cells.view(-1)[:present] = torch.arange(present)
+    return classes[cells].repeat_interleave(block, 1).repeat_interleave(block, 2)   # (B, H, W)
+
+
+def bench_classes(B=2, C=64, H=64, W=128, reps=3):
+    """Per-class generation, naive vs vectorized: forward + backward time and peak memory (sau.py's
+    profiler-based counter on CPU). Rows: (setting, naive s, vectorized s, naive bytes, vectorized bytes)."""
+    import sau
+    rows = []
+    for name, N, K in (("cityscapes 35 classes, 20 present", 35, 20), ("ade20k 150 classes, 10 present", 150, 10)):
+        gen = ClassGenerator(N, C)
+        feat = torch.randn(B, C, H, W, requires_grad=True)
+        masks = F.one_hot(label_map(B, H, W, N, K), N).permute(0, 3, 1, 2).float()
+        res = {}
+        for impl in IMPLS:
+            gen.impl = impl
+            fn = lambda: gen(feat, masks)[0].sum().backward()
+            res[impl] = (sau.time_it(fn, "cpu", reps), sau.peak_memory(fn, "cpu"))
+        rows.append((name, res["naive"][0], res["vectorized"][0], res["naive"][1], res["vectorized"][1]))
+    return rows
+
+
+def bench_steps(B=2, H=64, W=128, reps=3):
+    """g_step + d_step (forward and backward) seconds for GauGAN, LGGAN, LGGAN++ at the cpu preset widths."""
+    import sau
+    import data
+    info = data.DataInfo("synthetic", 10, False, True, H, W)
+    label = label_map(B, H, W, 10, 10)
+    batch = data.prepare_batch({"image": torch.rand(B, 3, H, W) * 2 - 1, "label": label,
+                                "instance": torch.zeros_like(label)}, info, "cpu")
+    small = dict(ngf=16, ndf=16)
+    models = [("gaugan", gaugan, gaugan.GauGANConfig(**small)), ("lggan", None, Config(n_res=3, **small)),
+              ("lggan++ (sau)", None, Config(n_res=3, upsample="sau", **small))]
+    rows = []
+    for name, module, cfg in models:
+        module = module or __import__(__name__)
+        torch.manual_seed(0)
+        G, D = module.build(cfg, info)
+
+        def step():
+            module.g_step(G, D, batch, cfg)[0].backward()
+            module.d_step(G, D, batch, cfg)[0].backward()
+        rows.append((name, sau.time_it(step, "cpu", reps), count_params(G)))
+    return rows
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="LGGAN parameter table (millions); --bench adds the benchmarks")
+    ap.add_argument("--bench", action="store_true")
+    args = ap.parse_args()
+    for name, cfg, info in table_infos():
+        with torch.device("meta"):  # shapes only: counting 111M parameters without allocating them
+            G, D = build(cfg, info)
+        D = D.D_s if cfg.task == "crossview" else D   # cross-view: one of its two discriminators (Table 4)
+        print(f"| {name} | generator | {count_params(G) / 1e6:.2f} |")
+        print(f"| {name} | discriminator | {count_params(D) / 1e6:.2f} |")
+    if args.bench:
+        torch.manual_seed(0)
+        print("\nper-class generation, forward + backward, B=2, C=64, 64x128, CPU threads:", torch.get_num_threads())
+        print("| setting | naive s | vectorized s | time ratio | naive MB | vectorized MB | memory ratio |")
+        for name, tn, tv, mn, mv in bench_classes():
+            print(f"| {name} | {tn:.3f} | {tv:.3f} | {tn / tv:.1f}x | {mn / 2**20:.0f} | {mv / 2**20:.0f} | "
+                  f"{mn / mv:.1f}x |")
+        print("\ng_step + d_step, B=2, 64x128, 10 classes, ngf=ndf=16, n_res=3, CPU")
+        print("| model | s/step | G params (M) |")
+        for name, t, n in bench_steps():
+            print(f"| {name} | {t:.3f} | {n / 1e6:.2f} |")
