@@ -524,13 +524,16 @@ def _is_torchscript(path):
 
 
 def load_segmenter(path, info=None, device="cpu"):
-    """The built-in Segmenter from its checkpoint, or any TorchScript file (a user's DRN / UperNet / DeepLab export
-    mapping images (B, 3, H, W) in [-1, 1] to logits over the dataset's label ids). In eval mode, frozen."""
+    """The built-in Segmenter from its checkpoint, or a TorchScript file (or a torch.export .pt2 file): a user's
+    DRN / UperNet / DeepLab export mapping images (B, 3, H, W) in [-1, 1] to logits over the dataset's label ids
+    (any resolution: logits are resized to the labels'). In eval mode, frozen."""
     path = str(path)
     if not os.path.isfile(path):
         raise EvalError(f"segmenter file not found: {path}")
     if _is_torchscript(path):
-        model = torch.jit.load(path, map_location=device)
+        return _freeze(torch.jit.load(path, map_location=device).eval())
+    if path.endswith(".pt2"):  # a torch.export program (TorchScript's successor)
+        return _freeze(torch.export.load(path).module().to(device))
     else:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -546,6 +549,12 @@ def load_segmenter(path, info=None, device="cpu"):
         check_state_dict(model, ckpt["state"], path, "the built-in Segmenter")
         model.load_state_dict(ckpt["state"])
     return model.to(device).eval().requires_grad_(False)
+
+
+def _freeze(model):
+    for p in model.parameters():  # ScriptModules have no requires_grad_()
+        p.requires_grad_(False)
+    return model
 
 
 @torch.no_grad()
@@ -668,7 +677,8 @@ def evaluate(ckpt_path, dataset=None, dataroot=None, out=None, num=None, batch_s
     if classifier:
         if not os.path.isfile(classifier):
             raise EvalError(f"classifier file not found: {classifier}")
-        clf = torch.jit.load(classifier, map_location=device).eval()
+        clf = _freeze(torch.export.load(classifier).module().to(device) if classifier.endswith(".pt2") else
+                      torch.jit.load(classifier, map_location=device).eval())
     elif info.task == "crossview":
         notes.append("top-k accuracy / KL / inception-style score skipped: no scene classifier (--classifier "
                      "TorchScript file)")

@@ -170,3 +170,125 @@ def test_fid_inception_rejects_wrong_weights_with_the_file_name(tmp_path):
         evaluation.load_fid_inception(path)
     with pytest.raises(evaluation.EvalError, match="not found: .*nowhere.pth"):
         evaluation.load_fid_inception(tmp_path / "nowhere.pth")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Built-in segmenter
+
+import data  # noqa: E402
+
+
+def _synthetic(split, n, crossview=False):
+    """n samples of the built-in synthetic scenes at 32x64 (a list: rendered once) and their DataInfo."""
+    if hasattr(data, "make_dataset"):
+        ds = data.make_dataset("synthetic_crossview" if crossview else "synthetic", split=split, size=(32, 64))
+    else:  # data.make_dataset not landed yet: the synthetic class it wraps
+        ds = data.SyntheticStreets(split, (32, 64), length=n, crossview=crossview)
+    return [ds[i] for i in range(n)], ds.info
+
+
+@pytest.mark.slow
+def test_segmenter_trains_on_synthetic_scenes_and_beats_chance(tmp_path):
+    train_items, info = _synthetic("train", 64)
+    val_items, _ = _synthetic("val", 16)
+    path = tmp_path / "seg.pt"
+    torch.manual_seed(0)
+    rng_before = torch.get_rng_state()
+    seg = evaluation.train_segmenter(train_items, info, steps=40, batch_size=8, width=8, out_path=path,
+                                     progress=False)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the caller's random stream is untouched
+    image = torch.stack([v["image"] for v in val_items])
+    label = torch.stack([v["label"] for v in val_items])
+    s = evaluation.segmentation_scores(evaluation.confusion_matrix(evaluation.segment(seg, image), label,
+                                                                   info.num_classes))
+    majority = torch.bincount(label.flatten()).max().item() / label.numel()  # always predicting the commonest class
+    assert s["accuracy"] > majority + 0.15, (s, majority)
+    assert s["mIoU"] > majority / info.num_classes + 0.05, s  # the majority predictor's mIoU is <= majority / C
+    # the cached checkpoint and a TorchScript export load back to the same predictions
+    logits = seg(image)
+    assert torch.allclose(evaluation.load_segmenter(path, info)(image), logits)
+    torch.jit.save(torch.jit.script(seg), tmp_path / "seg_ts.pt")
+    assert torch.allclose(evaluation.load_segmenter(tmp_path / "seg_ts.pt")(image), logits, atol=1e-5)
+
+
+def test_load_segmenter_errors_name_the_file(tmp_path):
+    info = data.DataInfo("synthetic", 10, False, True, 32, 64)
+    with pytest.raises(evaluation.EvalError, match="not found: .*missing_seg.pt"):
+        evaluation.load_segmenter(tmp_path / "missing_seg.pt")
+    seg = evaluation.Segmenter(5, width=4)
+    torch.save({"kind": "segmenter", "label_nc": 5, "width": 4, "state": seg.state_dict()}, tmp_path / "five.pt")
+    with pytest.raises(evaluation.EvalError, match="five.pt: segmenter predicts 5 labels.*10"):
+        evaluation.load_segmenter(tmp_path / "five.pt", info)
+    state = seg.state_dict()
+    state["classify.weight"] = torch.zeros(6, 4, 1, 1)
+    torch.save({"kind": "segmenter", "label_nc": 5, "width": 4, "state": state}, tmp_path / "bad.pt")
+    with pytest.raises(evaluation.EvalError, match=r"bad.pt does not match the built-in Segmenter.*classify.weight"):
+        evaluation.load_segmenter(tmp_path / "bad.pt")
+    torch.save({"G": {}}, tmp_path / "other.pt")
+    with pytest.raises(evaluation.EvalError, match="other.pt: not a built-in segmenter"):
+        evaluation.load_segmenter(tmp_path / "other.pt")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# End to end, and checkpoint errors
+
+TINY = ["--model", "gaugan", "--height", "32", "--width", "64", "--ngf", "4", "--ndf", "4", "--n_layers_D", "2",
+        "--workers", "0", "--progress", "false", "--num_samples", "2"]
+
+
+def _tiny_gaugan_checkpoint(path, info=None, ngf=4, model="gaugan"):
+    """A checkpoint dict in train.py's format, built without training (for the error tests)."""
+    import dataclasses
+    import gaugan
+    info = info or data.DataInfo("synthetic", 10, False, True, 32, 64, class_names=list(data.SYNTH_CLASSES))
+    cfg = gaugan.GauGANConfig(ngf=ngf, ndf=4, n_layers_D=2)
+    G, D = gaugan.build(cfg, info)
+    ckpt = {"model": model, "model_cfg": dataclasses.asdict(cfg), "train_cfg": {"dataset": "synthetic"},
+            "info": dataclasses.asdict(info), "G": G.state_dict(), "D": D.state_dict(), "opt_G": {}, "opt_D": {},
+            "scaler": None, "step": 1, "rng": []}
+    torch.save(ckpt, path)
+    return ckpt
+
+
+@pytest.mark.slow
+def test_end_to_end_eval_of_a_tiny_checkpoint_writes_metrics_json(tmp_path):
+    if not hasattr(data, "make_dataset"):
+        pytest.skip("data.make_dataset not available yet (train.py needs it to make a checkpoint)")
+    import train
+    run = tmp_path / "run"
+    train.main(TINY + ["--out", str(run), "--steps", "1", "--batch_size", "2"])
+    out = tmp_path / "eval"
+    evaluation.main(["--ckpt", str(run / "ckpt_latest.pt"), "--out", str(out), "--num", "5", "--batch-size", "2",
+                     "--seg-steps", "2", "--device", "cpu"])
+    res = json.loads((out / "metrics.json").read_text())
+    m = res["metrics"]
+    assert res["model"] == "gaugan" and res["num_images"] == 5 and res["resolution"] == "32x64"
+    assert "FID" not in m and m["FID (segmenter features)"] >= 0  # no Inception weights: clearly labelled stand-in
+    assert 0 <= m["mIoU"] <= 1 and 0 <= m["pixel accuracy"] <= 1
+    assert 0 <= m["mIoU (real images: segmenter ceiling)"] <= 1
+    assert "ignored" in res["protocol"]["mIoU"] and "32x64" in res["protocol"]["mIoU"]
+    assert len(list((out / "fake").glob("*.png"))) == 5 and len(list((out / "real").glob("*.png"))) == 5
+    assert (out / "grid.png").stat().st_size > 0
+    assert (out / "segmenter_synthetic_32x64.pt").is_file()  # cached for the next evaluation
+
+
+def test_eval_errors_name_the_checkpoint(tmp_path, capsys):
+    with pytest.raises(evaluation.EvalError, match="checkpoint not found: .*nope.pt"):
+        evaluation.evaluate(tmp_path / "nope.pt")
+    with pytest.raises(SystemExit) as e:
+        evaluation.main(["--ckpt", str(tmp_path / "nope.pt")])
+    assert e.value.code == 2 and "nope.pt" in capsys.readouterr().err
+    # a checkpoint of a model this repo does not know
+    _tiny_gaugan_checkpoint(tmp_path / "pix2pixhd.pt", model="pix2pixhd")
+    with pytest.raises(evaluation.EvalError, match="pix2pixhd.pt.*'pix2pixhd'"):
+        evaluation.evaluate(tmp_path / "pix2pixhd.pt")
+    # weights of another architecture under a known model name
+    ckpt = _tiny_gaugan_checkpoint(tmp_path / "mismatch.pt")
+    ckpt["G"] = _tiny_gaugan_checkpoint(tmp_path / "wide.pt", ngf=8)["G"]
+    torch.save(ckpt, tmp_path / "mismatch.pt")
+    with pytest.raises(evaluation.EvalError, match="mismatch.pt.*G weights"):
+        evaluation.evaluate(tmp_path / "mismatch.pt")
+    # a segmenter (or any other file) given as --ckpt
+    torch.save({"kind": "segmenter", "state": {}}, tmp_path / "segmenter.pt")
+    with pytest.raises(evaluation.EvalError, match="segmenter.pt.*not a training checkpoint"):
+        evaluation.evaluate(tmp_path / "segmenter.pt")
