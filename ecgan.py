@@ -1,17 +1,160 @@
 """
-ECGAN: Edge Guided GANs with Contrastive Learning for Semantic Image Synthesis (Tang et al., ICLR 2023).
+ECGAN: "Edge Guided GANs with Contrastive Learning for Semantic Image Synthesis", Tang, Qi, Sun, Xu, Sebe,
+Timofte, Van Gool, ICLR 2023.
 
-Map of the file (Fig. 1 of the paper):
-  pixel_contrastive_loss   Eq. 5, pixel-wise contrastive loss (naive and vectorized)
-  similarity_loss          Eq. 3, BCE between M x M similarity maps (naive and chunked)
+The official repository holds no method code; this is a first implementation of the similarity loss, label
+generator, pixel-wise contrastive loss, class-specific pixel generation and multi-modality discriminator.
+Map of this file (Fig. 1 of the paper):
+
+    attention_transfer        G_t: x * sigmoid(edge) + x, at feature level (Sec. 3.1) and content level (Eq. 1)
+    semantic_reweight         Eq. 2: F_c' = F_c * sigmoid(AvgPool(F_c)) + F_c
+    Branch                    G_e / G_i: n = 3 convs (C -> C/2 -> C/4 -> C/8), LeakyReLU before each, conv + tanh
+    SemanticPreserving        G_s: concat(F, I', I_e', S) -> N-channel F_c -> Eq. 2 -> C+N+3+3 -> conv + tanh -> I''
+    LabelGenerator            G_l: a frozen segmenter (eval.py's) that passes gradient to its input only
+    ProjectionHead, sample_anchors, pixel_contrastive_loss   G_c: Eq. 5 on class-balanced pixels across the batch
+    ClassSpecificGenerator    Eqs. 6, 7: one conv per class on the contrastively learned features, summed
+    similarity_loss           Eq. 3: BCE between the M x M maps S^T S and S''^T S'' (naive and chunked)
+    ECGANConfig, TABLE3       every hyperparameter, and the ablation rows of Table 3 as switches
+    ECGANGenerator            E (GauGAN head + trunk) -> G_e, G_i, G_t -> G_s -> I''; G_l, G_c alongside
+    model interface           Config, build, g_step (Eq. 10), d_step (Eqs. 8, 9 on one multi-modality D), sample
+
+`python ecgan.py` prints the parameter table; `python ecgan.py --bench` times the fast losses against the naive ones.
 """
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.parametrizations import spectral_norm
 from torch.utils.checkpoint import checkpoint
 
+import gaugan
 
-# -----------------------------------------------------------------------------
-# Pixel-wise contrastive loss (Sec. 3.3, Eq. 5)
+
+def conv(cin, cout, k=3, spectral=True):
+    """Size-preserving conv (App. B: 3x3, padding 1), spectral-normed (App. B: "all the layers")."""
+    c = nn.Conv2d(cin, cout, k, padding=k // 2)
+    return spectral_norm(c) if spectral else c
+
+
+# ----------------------------------------------------------------------------- edge guided generation (Sec. 3.1)
+
+def attention_transfer(edge, x):
+    """G_t: x' = sigmoid(edge) * x + x. Feature level: F_i^j = sigmoid(F_e^j) * F_i^j + F_i^j. Content level
+    (Eq. 1): I' = sigmoid(I_e') * I_i' + I_i'. The residual keeps what the attention multiplies away; note it
+    lets I' range over [-2, 2]."""
+    return torch.sigmoid(edge) * x + x
+
+
+class Branch(nn.Module):
+    """G_e or G_i: n size-preserving convs halving the width (64 -> 32 -> 16 -> 8 at C = 64), LeakyReLU 0.2 before
+    each, and a final LeakyReLU, conv, tanh to 3 channels. The generator steps through `convs` itself so that G_t
+    can refine the image features between layers."""
+
+    def __init__(self, nf, n=3, spectral=True):
+        super().__init__()
+        widths = [max(nf // 2**j, 1) for j in range(n + 1)]
+        self.convs = nn.ModuleList(conv(a, b, 3, spectral) for a, b in zip(widths[:-1], widths[1:]))
+        self.out = conv(widths[-1], 3, 3, spectral)
+
+    def to_rgb(self, x):
+        return torch.tanh(self.out(F.leaky_relu(x, 0.2)))  # (B, C/8, H, W) -> (B, 3, H, W)
+
+
+# ----------------------------------------------------------------------------- semantic preserving (Sec. 3.2)
+
+def semantic_reweight(fc):
+    """Eq. 2: gamma' = sigmoid(AvgPool(F_c)) per class channel (adaptive pooling, App. B); F_c' = F_c * gamma' + F_c."""
+    return fc * torch.sigmoid(F.adaptive_avg_pool2d(fc, 1)) + fc
+
+
+class SemanticPreserving(nn.Module):
+    """G_s: the paper's three convs. concat(F, I', I_e', S) -> conv -> F_c (N = label_nc channels, one per class)
+    -> Eq. 2 -> conv -> F' (C + N + 3 + 3 channels, the size of the input) -> LeakyReLU, conv, tanh -> I''."""
+
+    def __init__(self, in_nc, label_nc, mid_nc, spectral=True):
+        super().__init__()
+        self.to_classes = conv(in_nc, label_nc, 3, spectral)
+        self.expand = conv(label_nc, mid_nc, 3, spectral)
+        self.out = conv(mid_nc, 3, 3, spectral)
+
+    def forward(self, x):
+        fc = semantic_reweight(self.to_classes(x))  # (B, in_nc, H, W) -> (B, N, H, W), Eq. 2
+        return torch.tanh(self.out(F.leaky_relu(self.expand(fc), 0.2)))  # -> (B, C+N+6, H, W) -> (B, 3, H, W)
+
+
+class LabelGenerator(nn.Module):
+    """G_l: a pretrained segmenter (SegFormer in the paper; eval.py's built-in one or a TorchScript export here),
+    frozen: no parameter of it requires grad and it stays in eval mode (its batch norm must not see generated
+    images), yet gradient flows through it to the image it segments."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net.eval().requires_grad_(False)
+
+    def train(self, mode=True):
+        return super().train(False)  # G.train() must not put the segmenter's batch norm in training mode
+
+    def forward(self, image):
+        if any(p.requires_grad for p in self.net.parameters()):
+            raise RuntimeError("ecgan.LabelGenerator: the segmenter's parameters require grad; G_l must stay frozen "
+                               "(something called requires_grad_(True) on G)")
+        with torch.autocast(image.device.type, enabled=False):
+            return self.net(image.float()).softmax(1)  # (B, 3, H, W) -> (B, label_nc, H, W) probabilities S''
+
+
+def make_label_generator(cfg, info):
+    try:
+        import eval as evaluation  # imported here: eval.py imports model files lazily and must not be circular
+    except ImportError as e:  # pragma: no cover
+        raise ImportError(f"ecgan.py: the label generator G_l needs eval.py (Segmenter, load_segmenter): {e}") from e
+    if cfg.segmenter:
+        if not os.path.isfile(cfg.segmenter):
+            raise FileNotFoundError(f"ecgan.py: ECGANConfig.segmenter={cfg.segmenter!r} does not exist (train one "
+                                    f"with eval.train_segmenter, or leave it empty for an untrained one)")
+        net = evaluation.load_segmenter(cfg.segmenter, info)
+    else:
+        # untrained: fine for tests and for loading a checkpoint (its weights are in G's state dict); train.py
+        # trains one on real images and sets cfg.segmenter before building a model to train.
+        net = evaluation.Segmenter(info.label_nc)
+    return LabelGenerator(net)
+
+
+# ----------------------------------------------------------------------------- contrastive learning (Sec. 3.3)
+
+class ProjectionHead(nn.Module):
+    """Pixel embedding for Eq. 5: 1x1 conv -> ReLU -> 1x1 conv to proj_dim (the pixel-contrast design). A 1x1 conv
+    is a linear map per pixel, so it is applied only to the sampled pixels: (K, C) -> (K, proj_dim)."""
+
+    def __init__(self, nf, proj_dim=256, spectral=True):
+        super().__init__()
+        sn = spectral_norm if spectral else (lambda m: m)
+        self.fc1, self.fc2 = sn(nn.Linear(nf, nf)), sn(nn.Linear(nf, proj_dim))
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def sample_anchors(labels, max_anchors=1024, max_per_class=100, ignore_index=None):
+    """Class-balanced pixel sampling across the whole batch. labels (M,) flattened over (B, h, w), so one class's
+    anchors come from every image holding it (Sec. 3.3: anchors, positives and negatives need not share an image).
+    Takes min(count, max_per_class, max_anchors // classes) random pixels per class; returns their indices (K,)."""
+    classes = labels.unique()
+    if ignore_index is not None:
+        classes = classes[classes != ignore_index]
+    if len(classes) == 0:
+        return labels.new_zeros(0)
+    per_class = max(1, min(max_per_class, max_anchors // len(classes)))
+    picks = []
+    for c in classes:
+        idx = (labels == c).nonzero().squeeze(1)
+        picks.append(idx[torch.randperm(len(idx), device=idx.device)[:per_class]])
+    return torch.cat(picks)
+
 
 def pixel_contrastive_loss(emb, labels, temperature=0.1, impl="vectorized"):
     """Eq. 5 over M pixel embeddings emb (M, D) with class ids labels (M,).
@@ -27,9 +170,10 @@ def pixel_contrastive_loss(emb, labels, temperature=0.1, impl="vectorized"):
     if emb.dim() != 2 or labels.shape != emb.shape[:1]:
         raise ValueError(f"ecgan.pixel_contrastive_loss: emb must be (M, D) and labels (M,), got "
                          f"{tuple(emb.shape)} and {tuple(labels.shape)}")
-    z = F.normalize(emb, dim=1)  # embeddings are L2-normalised (Eq. 4)
-    fn = _contrast_naive if impl == "naive" else _contrast_vectorized
-    return fn(z, labels, temperature)
+    with torch.autocast(emb.device.type, enabled=False):  # exp/log of 1/t-scaled logits: keep float32
+        z = F.normalize(emb.float() if emb.dtype in (torch.float16, torch.bfloat16) else emb, dim=1)  # Eq. 4
+        fn = _contrast_naive if impl == "naive" else _contrast_vectorized
+        return fn(z, labels, temperature)
 
 
 def _contrast_naive(z, labels, t):
@@ -70,8 +214,45 @@ def _contrast_vectorized(z, labels, t):
     return (terms.sum(dim=1)[has_pos] / n_pos[has_pos]).mean()
 
 
-# -----------------------------------------------------------------------------
-# Similarity loss (Sec. 3.2, Eq. 3)
+class ClassSpecificGenerator(nn.Module):
+    """Eqs. 6, 7: one conv + tanh per class on the contrastively learned feature F; each pixel is produced by its
+    own class's branch (I_g_c = M_c * tanh(conv_c(F))) and I_g = sum_c I_g_c (Eq. 7, addition fusion).
+
+    This is LGGAN's local class-specific generator reduced to what ECGAN describes, with one difference: the
+    class mask multiplies the output, not the input. Feeding the unmasked F costs one C -> 3N conv instead of N
+    convs over N masked copies of F (35 x 64 channels at 256x512 on Cityscapes), and differs from input masking
+    only within the kernel radius of class borders. "naive" loops over classes; "vectorized" runs one conv with
+    the classes' weights stacked; both use the same parameters (a spectral-normed conv per class)."""
+
+    def __init__(self, nf, num_classes, k=3, spectral=True):
+        super().__init__()
+        self.convs = nn.ModuleList(conv(nf, 3, k, spectral) for _ in range(num_classes))
+        self.k = k
+
+    def forward(self, feat, masks, impl="vectorized"):
+        """feat (B, C, H, W); masks (B, N, H, W) one-hot of the real classes -> I_g (B, 3, H, W)."""
+        if impl == "naive":
+            return sum(torch.tanh(c(feat)) * masks[:, i:i + 1] for i, c in enumerate(self.convs))
+        if impl != "vectorized":
+            raise ValueError(f"ecgan.ClassSpecificGenerator: impl must be 'naive' or 'vectorized', got {impl!r}")
+        w = torch.cat([c.weight for c in self.convs])  # (3N, C, k, k)
+        b = torch.cat([c.bias for c in self.convs])
+        out = torch.tanh(F.conv2d(feat, w, b, padding=self.k // 2))  # (B, C, H, W) -> (B, 3N, H, W)
+        B, _, H, W = out.shape
+        return (out.view(B, -1, 3, H, W) * masks[:, :, None]).sum(1)  # Eq. 7: (B, N, 3, H, W) -> (B, 3, H, W)
+
+
+def class_l1_loss(fake, real, masks):
+    """Eq. 6: per-class L1 between I_g and the real image, each class averaged over its own pixels (so small
+    classes weigh as much as large ones), then averaged over the classes present. The paper sums over classes;
+    the mean keeps lambda independent of how many classes a batch holds. masks (B, N, H, W)."""
+    area = masks.sum(dim=(0, 2, 3))  # (N,)
+    err = ((fake - real).abs().mean(1, keepdim=True) * masks).sum(dim=(0, 2, 3))  # (N,)
+    present = area > 0
+    return (err[present] / area[present]).mean() if present.any() else fake.sum() * 0.0
+
+
+# ----------------------------------------------------------------------------- similarity loss (Sec. 3.2, Eq. 3)
 
 def similarity_loss(pred, target, impl="chunked", chunk=1024, eps=1e-6):
     """Eq. 3: mean BCE between A = S^T S and A'' = S''^T S'' (both M x M, M = H*W), batch-averaged.
@@ -88,20 +269,322 @@ def similarity_loss(pred, target, impl="chunked", chunk=1024, eps=1e-6):
         raise ValueError(f"ecgan.similarity_loss: pred and target must both be (B, N, H, W), got "
                          f"{tuple(pred.shape)} and {tuple(target.shape)}")
     B, N = pred.shape[:2]
-    p = pred.reshape(B, N, -1)  # (B, N, M)
-    s = target.reshape(B, N, -1).to(p.dtype)
-    M = p.shape[-1]
-    if impl == "naive":
-        return _sim_bce_sum(p, s, p, s, eps) / (B * M * M)
-    total = p.new_zeros(())
-    for r0 in range(0, M, chunk):
-        rows = slice(r0, r0 + chunk)
-        # checkpoint: the (B, chunk, M) tiles are recomputed in backward instead of saved
-        total = total + checkpoint(_sim_bce_sum, p[..., rows], s[..., rows], p, s, eps, use_reentrant=False)
-    return total / (B * M * M)
+    with torch.autocast(pred.device.type, enabled=False):  # 1 - eps rounds to 1 in bf16: keep float32
+        dtype = torch.float32 if pred.dtype in (torch.float16, torch.bfloat16) else pred.dtype
+        p = pred.reshape(B, N, -1).to(dtype)  # (B, N, M)
+        s = target.reshape(B, N, -1).to(dtype)
+        M = p.shape[-1]
+        if impl == "naive":
+            return _sim_bce_sum(p, s, p, s, eps) / (B * M * M)
+        total = p.new_zeros(())
+        for r0 in range(0, M, chunk):
+            rows = slice(r0, r0 + chunk)
+            # checkpoint: the (B, chunk, M) tiles are recomputed in backward instead of saved
+            total = total + checkpoint(_sim_bce_sum, p[..., rows], s[..., rows], p, s, eps, use_reentrant=False)
+        return total / (B * M * M)
 
 
 def _sim_bce_sum(p_rows, s_rows, p, s, eps):
     a = s_rows.transpose(1, 2) @ s  # (B, r, M) rows of A, in {0, 1}
     q = (p_rows.transpose(1, 2) @ p).clamp(eps, 1 - eps)  # (B, r, M) rows of A''; <= 1 by Cauchy-Schwarz
     return -(a * q.log() + (1 - a) * (1 - q).log()).sum()
+
+
+def downsample_for_similarity(probs, onehot, stride):
+    """The M x M maps cost O((HW)^2): Eq. 3 runs at 1/stride resolution (stride 4: 64x128 on Cityscapes, M = 8192).
+    Probabilities are area-averaged (still distributions, every pixel keeps a gradient); the one-hot target is
+    nearest-downsampled (still one-hot)."""
+    if stride == 1:
+        return probs, onehot
+    size = (probs.shape[2] // stride, probs.shape[3] // stride)
+    return F.adaptive_avg_pool2d(probs, size), F.interpolate(onehot, size=size, mode="nearest")
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class ECGANConfig:
+    # encoder E = GauGAN (Sec. 3.1, "we adopt GauGAN"); C = ngf = 64 (App. B)
+    ngf: int = 64                         # C, channels of F (App. B)
+    ndf: int = 64                         # discriminator width (GauGAN)
+    num_upsampling_layers: str = "normal"  # GauGAN: "more" on Cityscapes
+    upsample: str = "nearest"             # GauGAN trunk upsampler (any sau.make_upsampler name)
+    norm: str = "instance"                # SPADE's param-free norm (GauGAN)
+    n_layers: int = 3                     # n convs in G_e and G_i (App. B)
+    spectral: bool = True                 # spectral norm on every new G layer (App. B)
+    # Table 3 ablation switches, cumulative in the paper (see TABLE3)
+    use_edge: bool = True                 # G_e, edge generator (Sec. 3.1)
+    use_transfer: bool = True             # G_t, attention guided edge transfer (Sec. 3.1, Eq. 1); needs use_edge
+    use_semantic: bool = True             # G_s, semantic preserving module (Sec. 3.2, Eq. 2)
+    use_label_gen: bool = True            # G_l + similarity loss (Sec. 3.2, Eq. 3)
+    use_contrast: bool = True             # G_c: pixel contrast (Eq. 5) + class-specific generation (Eqs. 6, 7)
+    # label generator and similarity loss
+    segmenter: str = ""                   # G_l weights: eval.py segmenter checkpoint or TorchScript; train.py fills it
+    sim_stride: int = 4                   # Eq. 3 at 1/4 resolution (ours: M^2 at full res is 1.7e10 on Cityscapes)
+    sim_impl: str = "chunked"             # "chunked" (memory O(chunk * M)) | "naive" (O(M^2))
+    sim_chunk: int = 1024                 # rows of the M x M maps per chunk
+    # contrastive learning and class-specific generation
+    proj_dim: int = 256                   # projection head width (pixel contrast literature, REFERENCE.md)
+    temperature: float = 0.1              # tau in Eq. 5; pixel contrast for segmentation uses 0.07-0.1 (REFERENCE.md)
+    max_anchors: int = 1024               # anchors per batch across images (pixel contrast literature)
+    max_per_class: int = 100              # per-class anchor cap, class balance (pixel contrast literature)
+    contrast_impl: str = "vectorized"     # "vectorized" | "naive" (loops like Eq. 5; tests only)
+    class_impl: str = "vectorized"        # "vectorized" | "naive" class-specific generator
+    class_to_gs: bool = False             # ours: also feed I_g into G_s (default: I_g is an auxiliary output)
+    # multi-modal synthesis (App. C)
+    use_vae: bool = False                 # style encoder + KL: different edges and images per layout (App. C)
+    z_dim: int = 256                      # style vector (GauGAN)
+    # discriminator: one multi-modality D for (S, edge) and (S, image) pairs (App. A)
+    num_D: int = 2                        # scales (GauGAN)
+    n_layers_D: int = 4                   # PatchGAN depth (GauGAN)
+    # Eq. 9 / Eq. 10 weights (App. B)
+    lam: float = 2.0                      # lambda on I'' in Eqs. 9 and 10 ("all lambda ... set to 2", App. B)
+    lambda_c: float = 1.0                 # multi-modality adversarial loss (App. B)
+    lambda_s: float = 1.0                 # similarity loss (App. B)
+    lambda_l: float = 1.0                 # contrastive learning loss: the fifth loss of the text, absent from Eq. 10 (App. B)
+    lambda_f: float = 10.0                # discriminator feature matching (App. B)
+    lambda_p: float = 10.0                # VGG perceptual loss (App. B)
+    lambda_l1: float = 1.0                # class-specific L1, Eq. 6 (no weight given; LGGAN's 1)
+    lambda_kld: float = 0.05              # KL for multi-modal synthesis (App. C)
+    # optimiser: App. B gives Adam betas (0, 0.999) but no learning rates; GauGAN's TTUR rates
+    lr_g: float = 1e-4                    # GauGAN
+    lr_d: float = 4e-4                    # GauGAN
+    beta1: float = 0.0                    # App. B
+    beta2: float = 0.999                  # App. B
+
+
+Config = ECGANConfig
+
+_OFF = dict(use_edge=False, use_transfer=False, use_semantic=False, use_label_gen=False, use_contrast=False)
+TABLE3 = {  # Table 3 rows (Cityscapes ablation) as config overrides; train.py flags, e.g. --use_contrast false
+    "E+G_i": dict(_OFF),
+    "E+G_i+G_e": dict(_OFF, use_edge=True),
+    "E+G_i+G_e+G_t": dict(_OFF, use_edge=True, use_transfer=True),
+    "E+G_i+G_e+G_t+G_s": dict(_OFF, use_edge=True, use_transfer=True, use_semantic=True),
+    "E+G_i+G_e+G_t+G_s+G_l": dict(_OFF, use_edge=True, use_transfer=True, use_semantic=True, use_label_gen=True),
+    "E+G_i+G_e+G_t+G_s+G_l+G_c": {k: True for k in _OFF},  # the full model
+}
+
+
+def gaugan_config(cfg):
+    return gaugan.GauGANConfig(ngf=cfg.ngf, ndf=cfg.ndf, num_upsampling_layers=cfg.num_upsampling_layers,
+                               upsample=cfg.upsample, norm=cfg.norm, use_vae=cfg.use_vae, z_dim=cfg.z_dim,
+                               num_D=cfg.num_D, n_layers_D=cfg.n_layers_D)
+
+
+# ----------------------------------------------------------------------------- generator
+
+class ECGANGenerator(nn.Module):
+    """Every generator-side module. Disabled Table 3 modules are not built (no unused parameters under DDP)."""
+
+    def __init__(self, cfg, info):
+        super().__init__()
+        if cfg.use_transfer and not cfg.use_edge:
+            raise ValueError("ecgan.py: use_transfer (G_t) needs use_edge (G_e): it transfers the edge features")
+        if info.task != "semantic":
+            raise ValueError(f"ecgan.py: ECGAN is a semantic image synthesis model, got task={info.task!r}")
+        self.cfg = cfg
+        self.label_nc, self.num_classes, self.dontcare = info.label_nc, info.num_classes, info.dontcare
+        nf = cfg.ngf
+        gcfg = gaugan_config(cfg)
+        # E: GauGAN's head + trunk give F (B, C, H, W); its own to_rgb is not part of ECGAN
+        self.encoder = gaugan.GauGANGenerator(gcfg, info.input_nc, info.height, info.width)
+        self.encoder.conv_img = None
+        self.style_encoder = gaugan.StyleEncoder(cfg.ngf, cfg.z_dim) if cfg.use_vae else None
+        self.image_branch = Branch(nf, cfg.n_layers, cfg.spectral)  # G_i
+        self.edge_branch = Branch(nf, cfg.n_layers, cfg.spectral) if cfg.use_edge else None  # G_e
+        if cfg.use_contrast:
+            self.projection = ProjectionHead(nf, cfg.proj_dim, cfg.spectral)
+            self.class_generator = ClassSpecificGenerator(nf, info.num_classes, 3, cfg.spectral)
+        if cfg.use_semantic:  # G_s input: F, I', I_e', S (+ I_g with class_to_gs); F' has C + N + 3 + 3 channels
+            in_nc = nf + 3 + 3 * cfg.use_edge + info.input_nc + 3 * (cfg.use_contrast and cfg.class_to_gs)
+            self.semantic = SemanticPreserving(in_nc, info.label_nc, nf + info.input_nc + 6, cfg.spectral)
+        gaugan.init_weights(self)
+        # G_l last: its pretrained weights must not be re-initialised
+        self.label_generator = make_label_generator(cfg, info) if cfg.use_label_gen else None
+
+    def forward(self, seg, image=None, z=None, aux=True):
+        """seg (B, input_nc, H, W) = one-hot (+ instance boundaries); image: style image (use_vae only).
+        aux=False skips what only the G loss needs (label generator, contrastive sampling).
+        Returns a dict of (B, ., H, W) tensors: fake (I''), intermediate (I'), edge (I_e'), class (I_g), the
+        segmenter's probabilities seg_1 (of I') and seg_2 (of I'') at the similarity resolution, emb and
+        emb_labels (K sampled pixels), kld."""
+        cfg, out = self.cfg, {}
+        if self.style_encoder is not None and image is not None and z is None:
+            mu, logvar = self.style_encoder(image)
+            z, out["kld"] = gaugan.reparameterize(mu, logvar), gaugan.kld_loss(mu, logvar)
+        feat = self.encoder.trunk(self.encoder.head(seg, z), seg)  # F: (B, C, H, W)
+        onehot = seg[:, :self.label_nc]
+        masks = onehot[:, :self.num_classes]  # the real classes (dontcare excluded)
+
+        # G_e, G_i with G_t between their layers (feature level), then Eq. 1 (content level)
+        xi = xe = feat
+        for j, conv_i in enumerate(self.image_branch.convs):
+            xi = conv_i(F.leaky_relu(xi, 0.2))
+            if self.edge_branch is not None:
+                xe = self.edge_branch.convs[j](F.leaky_relu(xe, 0.2))
+                if cfg.use_transfer:
+                    xi = attention_transfer(xe, xi)  # F_i^j = sigmoid(F_e^j) * F_i^j + F_i^j
+        img = self.image_branch.to_rgb(xi)  # I_i'
+        if self.edge_branch is not None:
+            out["edge"] = self.edge_branch.to_rgb(xe)  # I_e' (B, 3, H, W)
+            if cfg.use_transfer:
+                img = attention_transfer(out["edge"], img)  # Eq. 1: I' = sigmoid(I_e') * I_i' + I_i'
+        out["intermediate"] = img
+
+        if cfg.use_contrast:  # G_c on the shared feature F: Eqs. 6, 7
+            out["class"] = self.class_generator(feat, masks, cfg.class_impl)
+            if aux:  # Eq. 5 inputs: class-balanced pixels from the whole batch, projected and labelled
+                labels = onehot.argmax(1).flatten()  # (B*H*W,), dontcare = num_classes
+                idx = sample_anchors(labels, cfg.max_anchors, cfg.max_per_class,
+                                     self.num_classes if self.dontcare else None)
+                pixels = feat.permute(0, 2, 3, 1).reshape(-1, feat.shape[1])[idx]  # (K, C)
+                out["emb"], out["emb_labels"] = self.projection(pixels), labels[idx]
+
+        if cfg.use_semantic:
+            parts = [feat, img] + ([out["edge"]] if "edge" in out else []) + [seg]
+            if cfg.use_contrast and cfg.class_to_gs:
+                parts.append(out["class"])
+            out["fake"] = self.semantic(torch.cat(parts, 1))  # I''
+        else:
+            out["fake"] = img  # without G_s, I' is the output
+
+        if self.label_generator is not None and aux:  # S' and S'' for Eq. 10's two similarity terms
+            fakes = [img, out["fake"]] if cfg.use_semantic else [img]
+            probs = self.label_generator(torch.cat(fakes, 0)).chunk(len(fakes))  # one segmenter forward
+            for k, p in enumerate(probs, 1):
+                out[f"seg_{k}"], out["seg_target"] = downsample_for_similarity(p, onehot.float(), cfg.sim_stride)
+        return out
+
+
+# ----------------------------------------------------------------------------- discriminator (App. A, Eqs. 8, 9)
+
+def edge_to_image(edge):
+    """Real Canny edges (B, 1, H, W) in {0, 1} -> 3 channels in {-1, 1}, the range of the tanh edge map I_e'."""
+    return (edge * 2 - 1).expand(-1, 3, -1, -1)
+
+
+def judged_pairs(out, batch, cfg):
+    """(fake, real, weight) triples the multi-modality D judges: (I_e', I_e, 1) (Eq. 8); (I', I, 1) and
+    (I'', I, lambda) (Eq. 9). Without G_s, I' is the output: (I', I, 1)."""
+    real = batch["image"]
+    pairs = []
+    if "edge" in out:
+        if "edge" not in batch:
+            raise KeyError("ecgan.py: batch has no 'edge'; call data.prepare_batch(..., edges=True) for ECGAN")
+        pairs.append((out["edge"], edge_to_image(batch["edge"]), 1.0))
+    pairs.append((out["intermediate"], real, 1.0))
+    if cfg.use_semantic:
+        pairs.append((out["fake"], real, cfg.lam))
+    return pairs
+
+
+def discriminate(D, cond, pairs):
+    """One D forward on every fake and every distinct real, concatenated on the batch dim. Returns per pair
+    (fake_preds, real_preds, weight)."""
+    reals = []
+    for _, r, _ in pairs:
+        if not any(r is x for x in reals):
+            reals.append(r)
+    x = torch.cat([gaugan.d_input(cond, f) for f, _, _ in pairs] + [gaugan.d_input(cond, r) for r in reals], 0)
+    preds = D(x)
+    n = cond.shape[0]
+    part = lambda k: [[f[k * n:(k + 1) * n] for f in scale] for scale in preds]
+    fake_preds = [part(k) for k in range(len(pairs))]
+    real_preds = [part(len(pairs) + next(i for i, x in enumerate(reals) if x is r)) for _, r, _ in pairs]
+    return [(f, r, w) for f, r, (_, _, w) in zip(fake_preds, real_preds, pairs)]
+
+
+# ----------------------------------------------------------------------------- model interface
+
+def build(cfg, info):
+    G = ECGANGenerator(cfg, info)
+    D = gaugan.init_weights(gaugan.MultiscaleDiscriminator(info.input_nc + 3, cfg.ndf, cfg.n_layers_D, cfg.num_D))
+    return G, D
+
+
+def g_step(G, D, batch, cfg, vgg=None):
+    """Eq. 10, generator side: lambda_c * adversarial (hinge) + lambda_f * feature matching + lambda_p * VGG on
+    (I_e', I_e), (I', I), lambda * (I'', I); + lambda_s * similarity (S, S') + (S, S''); + lambda_l * Eq. 5;
+    + lambda_l1 * Eq. 6; + lambda_kld * KL."""
+    cond, real = batch["input"], batch["image"]
+    out = G(cond, real)
+    logs = {"G_gan": 0.0, "G_feat": 0.0}
+    for fake_p, real_p, w in discriminate(D, cond, judged_pairs(out, batch, cfg)):
+        logs["G_gan"] = logs["G_gan"] + cfg.lambda_c * w * gaugan.hinge_g_loss(fake_p)
+        logs["G_feat"] = logs["G_feat"] + cfg.lambda_f * w * gaugan.feature_matching_loss(fake_p, real_p)
+    if vgg is not None:
+        logs["G_vgg"] = sum(cfg.lambda_p * w * gaugan.vgg_loss(vgg, f, r) for f, r, w in judged_pairs(out, batch, cfg))
+    if "seg_1" in out:
+        sims = [similarity_loss(out[k], out["seg_target"], cfg.sim_impl, cfg.sim_chunk) for k in ("seg_1", "seg_2")
+                if k in out]
+        logs["G_sim"] = cfg.lambda_s * sum(sims)
+    if "emb" in out:
+        logs["G_contrast"] = cfg.lambda_l * pixel_contrastive_loss(out["emb"], out["emb_labels"], cfg.temperature,
+                                                                   cfg.contrast_impl)
+        masks = cond[:, :G_module(G).num_classes]
+        logs["G_l1"] = cfg.lambda_l1 * class_l1_loss(out["class"], real, masks)
+    if "kld" in out:
+        logs["G_kld"] = cfg.lambda_kld * out["kld"]
+    loss = sum(logs.values())
+    return loss, {k: v.detach() for k, v in logs.items()}
+
+
+def d_step(G, D, batch, cfg):
+    """Eqs. 8 + 9 in hinge form: E[relu(1 + D(S, I_e'))] + E[relu(1 - D(S, I_e))] for edges; for images each fake
+    term is paired with a real term of its weight, so the real image carries weight lambda + 1 as in Eq. 9."""
+    cond, real = batch["input"], batch["image"]
+    with torch.no_grad():
+        out = G(cond, real, aux=False)
+    l_fake, l_real = 0.0, 0.0
+    pairs = [(f.detach(), r, w) for f, r, w in judged_pairs(out, batch, cfg)]
+    for fake_p, real_p, w in discriminate(D, cond, pairs):
+        l_fake = l_fake + w * sum(F.relu(1 + f[-1]).mean() for f in fake_p) / len(fake_p)
+        l_real = l_real + w * sum(F.relu(1 - r[-1]).mean() for r in real_p) / len(real_p)
+    return l_fake + l_real, {"D_fake": l_fake.detach(), "D_real": l_real.detach()}
+
+
+def G_module(G):
+    return getattr(G, "module", G)  # unwrap DistributedDataParallel
+
+
+@torch.no_grad()
+def sample(G, batch):
+    """Columns for the sample grid, all (B, 3, H, W) in [-1, 1]."""
+    out = G(batch["input"], batch["image"], aux=False)
+    cols = {"fake": out["fake"], "intermediate": out["intermediate"].clamp(-1, 1)}  # I' spans [-2, 2] (Eq. 1)
+    if "edge" in out:
+        cols["edge"] = out["edge"]
+        cols["attention"] = torch.sigmoid(out["edge"]) * 2 - 1  # I_a' = sigmoid(I_e') (Eq. 1), mapped to [-1, 1]
+    if "class" in out:
+        cols["class"] = out["class"]  # I_g (Eq. 7); dontcare pixels are 0
+    if G_module(G).style_encoder is not None:
+        cols["fake_prior_z"] = G(batch["input"], aux=False)["fake"]
+    return cols
+
+
+# ----------------------------------------------------------------------------- parameter table and benchmark
+
+def count_params(module, trainable=True):
+    return sum(p.numel() for p in module.parameters() if p.requires_grad == trainable)
+
+
+def parameter_table():
+    from data import DataInfo
+    configs = {  # name: (num_classes, dontcare, instances, num_upsampling_layers, height, width), GauGAN settings
+        "cityscapes": (35, False, True, "more", 256, 512),
+        "ade20k": (150, True, False, "normal", 256, 256),
+        "coco": (182, True, True, "normal", 256, 256),
+    }
+    for name, (n, dc, inst, ups, h, w) in configs.items():
+        info = DataInfo(name=name, num_classes=n, dontcare=dc, has_instance=inst, height=h, width=w)
+        cfg = ECGANConfig(num_upsampling_layers=ups)
+        with torch.device("meta"):  # shapes only
+            G, D = build(cfg, info)
+        print(f"| {name} | generator | {count_params(G) / 1e6:.2f} |")
+        print(f"| {name} | label generator (frozen) | {count_params(G, trainable=False) / 1e6:.2f} |")
+        print(f"| {name} | discriminator | {count_params(D) / 1e6:.2f} |")
+
+
+if __name__ == "__main__":
+    parameter_table()

@@ -92,3 +92,168 @@ def test_similarity_zero_for_confident_equal_prediction():
         assert ecgan.similarity_loss(target.clone(), target, impl=impl).item() < 1e-5
     pred, _ = _rand_probs_and_onehot(seed=1)
     assert ecgan.similarity_loss(pred, target).item() > 0.1
+
+
+# ----------------------------------------------------------------------------- generator pieces
+
+def test_eq1_attention_transfer_hand_set():
+    edge = torch.tensor([0.0, 100.0, -100.0])  # sigmoid: 0.5, 1, 0
+    x = torch.tensor([2.0, 2.0, 2.0])
+    # I' = sigmoid(I_e') * I_i' + I_i'
+    torch.testing.assert_close(ecgan.attention_transfer(edge, x), torch.tensor([3.0, 4.0, 2.0]))
+
+
+def test_eq2_semantic_reweight_hand_set():
+    fc = torch.zeros(1, 2, 2, 2)
+    fc[0, 0] = torch.tensor([[1.0, 3.0], [0.0, 0.0]])  # mean 1 -> gamma = sigmoid(1)
+    fc[0, 1] = torch.tensor([[-2.0, -2.0], [-2.0, -2.0]])  # mean -2 -> gamma = sigmoid(-2)
+    g0, g1 = 1 / (1 + math.exp(-1)), 1 / (1 + math.exp(2))
+    expected = torch.stack([fc[0, 0] * (1 + g0), fc[0, 1] * (1 + g1)])[None]
+    torch.testing.assert_close(ecgan.semantic_reweight(fc), expected)
+
+
+def test_class_specific_naive_equals_vectorized():
+    torch.manual_seed(0)
+    gen = ecgan.ClassSpecificGenerator(nf=4, num_classes=3).eval()  # eval: no spectral-norm power step between calls
+    feat = torch.randn(2, 4, 6, 5, requires_grad=True)
+    label = torch.randint(0, 4, (2, 6, 5))  # 3 = dontcare: no class branch, I_g = 0 there
+    masks = F.one_hot(label, 4).permute(0, 3, 1, 2).float()[:, :3]
+    outs = {}
+    for impl in ("naive", "vectorized"):
+        gen.zero_grad()
+        feat.grad = None
+        y = gen(feat, masks, impl)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs[impl] = (y.detach(), feat.grad.clone(), gen.convs[1].parametrizations.weight.original.grad.clone())
+    for a, b in zip(outs["naive"], outs["vectorized"]):
+        torch.testing.assert_close(a, b)
+    assert (outs["naive"][0].permute(0, 2, 3, 1)[label == 3] == 0).all()
+
+
+def test_sample_anchors_balanced_across_images():
+    labels = torch.cat([torch.zeros(500), torch.ones(30), torch.full((200,), 2.0), torch.full((70,), 9.0)]).long()
+    idx = ecgan.sample_anchors(labels, max_anchors=120, max_per_class=50, ignore_index=9)
+    counts = torch.bincount(labels[idx], minlength=10)
+    assert counts[:3].tolist() == [40, 30, 40] and counts[9] == 0  # 120 // 3 classes; class 1 has only 30
+    assert len(idx.unique()) == len(idx)
+    # labels flattened over (B, H, W): a class in two images draws anchors from both
+    two = torch.tensor([0] * 8 + [1] * 8 + [0] * 8 + [2] * 8)  # image 0: pixels 0-15, image 1: 16-31
+    picked = ecgan.sample_anchors(two, max_anchors=64, max_per_class=16)
+    zeros = picked[two[picked] == 0]
+    assert (zeros < 16).any() and (zeros >= 16).any()
+
+
+# ----------------------------------------------------------------------------- model: shapes, switches, G_l
+
+def tiny(**kw):
+    from data import DataInfo
+    info = DataInfo(name="tiny", num_classes=4, dontcare=True, has_instance=True, height=32, width=64)
+    cfg = ecgan.ECGANConfig(ngf=8, ndf=8, proj_dim=16, max_anchors=64, max_per_class=16, num_D=2, n_layers_D=3,
+                            z_dim=8, sim_chunk=64, **kw)
+    return cfg, info
+
+
+def tiny_batch(info, B=2, seed=0):
+    import data
+    g = torch.Generator().manual_seed(seed)
+    label = torch.randint(0, info.label_nc, (B, info.height // 8, info.width // 8), generator=g)
+    label = label.repeat_interleave(8, 1).repeat_interleave(8, 2)  # blocky layout: every class has many pixels
+    batch = {"image": torch.rand(B, 3, info.height, info.width, generator=g) * 2 - 1, "label": label,
+             "instance": label.clone()}
+    return data.prepare_batch(batch, info, "cpu", edges=True)
+
+
+def test_shapes_full_model():
+    torch.manual_seed(0)
+    cfg, info = tiny()
+    G, D = ecgan.build(cfg, info)
+    batch = tiny_batch(info)
+    out = G(batch["input"])
+    for k in ("fake", "intermediate", "edge", "class"):
+        assert out[k].shape == (2, 3, 32, 64), k
+    assert out["fake"].abs().max() <= 1 and out["intermediate"].abs().max() <= 2  # I' in [-2, 2] (Eq. 1)
+    assert out["seg_1"].shape == out["seg_2"].shape == out["seg_target"].shape == (2, info.label_nc, 8, 16)
+    assert out["emb"].shape[1] == cfg.proj_dim and (out["emb_labels"] < info.num_classes).all()  # no dontcare
+    cols = ecgan.sample(G, batch)
+    assert list(cols) == ["fake", "intermediate", "edge", "attention", "class"]
+    for v in cols.values():
+        assert v.shape == (2, 3, 32, 64) and v.min() >= -1 and v.max() <= 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("row", list(ecgan.TABLE3) + ["vae"])
+def test_table3_switch_trains_one_step(row):
+    torch.manual_seed(0)
+    cfg, info = tiny(**(dict(use_vae=True) if row == "vae" else ecgan.TABLE3[row]))
+    G, D = ecgan.build(cfg, info)
+    batch = tiny_batch(info)
+    names = {n for n, _ in G.named_parameters()}
+    assert any(n.startswith("edge_branch") for n in names) == cfg.use_edge
+    assert any(n.startswith("semantic") for n in names) == cfg.use_semantic
+    assert any(n.startswith("label_generator") for n in names) == cfg.use_label_gen
+    assert any(n.startswith("projection") for n in names) == cfg.use_contrast
+    opt_g = torch.optim.Adam([p for p in G.parameters() if p.requires_grad], lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
+    loss, logs = ecgan.g_step(G, D, batch, cfg)
+    expected = {"G_gan", "G_feat"} | ({"G_sim"} if cfg.use_label_gen else set())
+    expected |= ({"G_contrast", "G_l1"} if cfg.use_contrast else set()) | ({"G_kld"} if cfg.use_vae else set())
+    assert set(logs) == expected
+    opt_g.zero_grad()
+    loss.backward()
+    for n, p in G.named_parameters():  # every trainable parameter is used (DDP without find_unused_parameters)
+        assert (p.grad is not None) == p.requires_grad, n
+    before = [p.detach().clone() for p in G.parameters()]
+    opt_g.step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, G.parameters()))
+    loss_d, logs_d = ecgan.d_step(G, D, batch, cfg)
+    opt_d.zero_grad()
+    loss_d.backward()
+    assert all(p.grad is not None for p in D.parameters())
+    opt_d.step()
+    assert torch.isfinite(loss) and torch.isfinite(loss_d)
+
+
+def test_label_generator_frozen_but_passes_gradient():
+    torch.manual_seed(0)
+    cfg, info = tiny()
+    G, D = ecgan.build(cfg, info)
+    G.train()
+    seg_net = G.label_generator.net
+    assert not seg_net.training and not any(p.requires_grad for p in seg_net.parameters())
+    batch = tiny_batch(info)
+    out = G(batch["input"])
+    loss = ecgan.similarity_loss(out["seg_2"], out["seg_target"])  # through G_l only
+    loss.backward()
+    assert all(p.grad is None for p in seg_net.parameters())
+    grads = [p.grad for p in G.semantic.parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    G.requires_grad_(True)  # a caller unfreezing G_l is an error, not a silent segmenter update
+    with pytest.raises(RuntimeError, match="ecgan.LabelGenerator"):
+        G(batch["input"])
+
+
+def test_segmenter_path_missing_names_it(tmp_path):
+    cfg, info = tiny(segmenter=str(tmp_path / "nope.pt"))
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        ecgan.build(cfg, info)
+
+
+def test_transfer_without_edge_is_an_error():
+    cfg, info = tiny(use_edge=False)
+    with pytest.raises(ValueError, match="use_transfer"):
+        ecgan.build(cfg, info)
+
+
+def test_eq9_real_image_weight_is_lambda_plus_one():
+    # a D that outputs a constant: hinge terms are known, so the D loss exposes the weights of Eq. 8 + Eq. 9
+    cfg, info = tiny(lam=2.0)
+    G, _ = ecgan.build(cfg, info)
+
+    class ConstD(torch.nn.Module):
+        def forward(self, x):
+            return [[torch.zeros(x.shape[0], 1, 2, 2)]]
+
+    _, logs = ecgan.d_step(G, ConstD(), tiny_batch(info), cfg)
+    # fakes: edge (1) + I' (1) + I'' (lambda); reals: edge (1) + image (1 + lambda); each hinge term = 1
+    assert logs["D_fake"].item() == pytest.approx(1 + 1 + cfg.lam)
+    assert logs["D_real"].item() == pytest.approx(1 + 1 + cfg.lam)
