@@ -1,0 +1,409 @@
+"""data.py: synthetic scenes, folder loaders, Canny, batches, and the errors bad data raises."""
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from data import DatasetError, make_dataset
+
+
+def collate(items):
+    return torch.utils.data.default_collate(items)
+
+
+# -----------------------------------------------------------------------------
+# synthetic street scenes
+
+
+def test_synthetic_deterministic_shapes_and_range():
+    ds = make_dataset("synthetic", size=(32, 64))
+    assert ds.info.num_classes == 10 and ds.info.input_nc == 11 and len(ds) == 2000
+    a, b = ds[3], make_dataset("synthetic", size=(32, 64))[3]
+    for k in ("image", "label", "instance"):
+        assert torch.equal(a[k], b[k]), k
+    assert a["image"].shape == (3, 32, 64) and a["image"].dtype == torch.float32
+    assert a["label"].shape == (32, 64) and a["label"].dtype == torch.int64
+    assert a["image"].min() >= -1 and a["image"].max() <= 1
+    assert 0 <= a["label"].min() and a["label"].max() < 10
+    assert not torch.equal(ds[4]["image"], a["image"])
+    val = make_dataset("synthetic", split="val", size=(32, 64))
+    assert len(val) == 200 and not torch.equal(val[3]["image"], a["image"])  # distinct streams
+    assert len(make_dataset("synthetic", size=(32, 64), length=7)) == 7
+
+
+def test_synthetic_any_resolution_same_scene():
+    lo = make_dataset("synthetic", size=(32, 64))[5]["label"].numpy()
+    hi = make_dataset("synthetic", size=(96, 192))[5]["label"].numpy()
+    # pixel centres of the 32x64 grid are the centres of 3x3 blocks of the 96x192 grid
+    assert (hi[1::3, 1::3] == lo).mean() > 0.97
+
+
+def test_synthetic_all_classes_small_classes_and_instances():
+    ds = make_dataset("synthetic", size=(32, 64))
+    counts = np.zeros(10)
+    present = np.zeros(10)
+    n = 300
+    for i in range(n):
+        d = ds[i]
+        lab, inst = d["label"].numpy(), d["instance"].numpy()
+        c = np.bincount(lab.ravel(), minlength=10)
+        counts += c
+        present += c > 0
+        things = inst >= 1000  # countable classes carry class * 1000 + k, stuff carries its class id
+        assert (inst[things] // 1000 == lab[things]).all()
+        assert (inst[~things] == lab[~things]).all()
+    frac = counts / counts.sum()
+    assert (present > 0).all(), dict(zip(data.SYNTH_CLASSES, present))
+    for k in (data.POLE, data.SIGN, data.PERSON):  # small objects: in most scenes, few pixels
+        assert present[k] >= 0.8 * n and frac[k] < 0.03, (data.SYNTH_CLASSES[k], present[k], frac[k])
+    assert frac[[data.SKY, data.BUILDING, data.ROAD]].sum() > 0.5  # class imbalance
+
+
+def test_synthetic_structure_inside_regions():
+    """Image edges inside building and road regions, away from every label boundary (windows, lane marks)."""
+    ds = make_dataset("synthetic", size=(64, 128))
+    b = collate([ds[i] for i in range(4)])
+    edge = data.canny(b["image"])[:, 0]
+    near = torch.nn.functional.max_pool2d(data.instance_boundaries(b["label"]), 5, 1, 2)[:, 0] > 0
+    for k in (data.BUILDING, data.ROAD):
+        inner = edge.bool() & ~near & (b["label"] == k)
+        assert (inner.flatten(1).sum(1) > 5).all(), data.SYNTH_CLASSES[k]
+
+
+def test_synthetic_crossview_overlap_agrees():
+    H, W = 48, 96
+    ds = make_dataset("synthetic_crossview", size=(H, W))
+    assert ds.info.task == "crossview" and not ds.info.has_instance
+    agree, diff, overlap = [], [], []
+    for i in range(6):
+        d = ds[i]
+        assert set(d) == {"image_a", "image", "seg_a", "seg", "label_a", "label", "path"}
+        assert torch.equal(d["seg"], data.colorize(d["label"][None], 10)[0])
+        _, ((xa0, xa1, ya0, ya1), (xg0, xg1, yg0, yg1)) = ds.views(i)
+        assert (xa0, ya0) != (xg0, yg0)
+        # scene coords of view g's pixel centres -> nearest pixel of view a
+        xs = xg0 + (np.arange(W) + 0.5) * (xg1 - xg0) / W
+        ys = yg0 + (np.arange(H) + 0.5) * (yg1 - yg0) / H
+        ca = np.floor((xs - xa0) / (xa1 - xa0) * W).astype(int)
+        ra = np.floor((ys - ya0) / (ya1 - ya0) * H).astype(int)
+        cm, rm = (ca >= 0) & (ca < W), (ra >= 0) & (ra < H)
+        overlap.append(cm.mean() * rm.mean())
+        la = d["label_a"].numpy()[ra[rm]][:, ca[cm]]
+        lg = d["label"].numpy()[rm][:, cm]
+        agree.append((la == lg).mean())
+        ia = d["image_a"].numpy()[:, ra[rm]][:, :, ca[cm]]
+        ig = d["image"].numpy()[:, rm][:, :, cm]
+        diff.append(np.median(np.abs(ia - ig)))
+    assert min(overlap) > 0.2
+    assert min(agree) > 0.9, agree
+    assert max(diff) < 0.1, diff
+
+
+# -----------------------------------------------------------------------------
+# Canny
+
+
+def test_canny_flat_image_has_no_edges():
+    for v in (-1.0, 0.3, 1.0):
+        assert data.canny(torch.full((2, 3, 24, 40), v)).sum() == 0
+
+
+def test_canny_rectangle_gives_thin_closed_outline():
+    img = torch.full((1, 3, 40, 56), -1.0)
+    r0, r1, c0, c1 = 10, 30, 12, 44  # filled rows r0..r1-1, cols c0..c1-1
+    img[:, :, r0:r1, c0:c1] = 1.0
+    e = data.canny(img)[0, 0].numpy() > 0
+    ys, xs = np.nonzero(e)
+    assert len(ys) > 0
+    # every edge pixel lies within 2 px of the rectangle's border
+    dy = np.minimum(np.abs(ys - r0 + 0.5), np.abs(ys - r1 + 0.5))
+    dx = np.minimum(np.abs(xs - c0 + 0.5), np.abs(xs - c1 + 0.5))
+    in_x, in_y = (xs >= c0 - 2) & (xs < c1 + 2), (ys >= r0 - 2) & (ys < r1 + 2)
+    assert (((dy <= 2) & in_x) | ((dx <= 2) & in_y)).all()
+    # closed: every row/column along each side has an edge pixel next to that side (corners aside)
+    for r in range(r0 + 3, r1 - 3):
+        assert e[r, c0 - 2:c0 + 2].any() and e[r, c1 - 2:c1 + 2].any(), r
+    for c in range(c0 + 3, c1 - 3):
+        assert e[r0 - 2:r0 + 2, c].any() and e[r1 - 2:r1 + 2, c].any(), c
+    # thin: one pixel across on the straight parts
+    assert e[r0 + 5:r1 - 5, c0 - 3:c0 + 3].sum(1).max() == 1
+    assert e[r0 - 3:r0 + 3, c0 + 5:c1 - 5].sum(0).max() == 1
+
+
+def test_canny_batched_equals_one_by_one():
+    ds = make_dataset("synthetic", size=(32, 64))
+    imgs = torch.stack([ds[i]["image"] for i in range(4)])
+    imgs[1] = imgs[1] * 0.2  # a low-contrast image: thresholds are per image
+    batched = data.canny(imgs)
+    single = torch.cat([data.canny(imgs[i:i + 1]) for i in range(4)])
+    assert torch.equal(batched, single)
+    assert set(batched.unique().tolist()) <= {0.0, 1.0} and batched.sum() > 0
+
+
+# -----------------------------------------------------------------------------
+# batches and helpers
+
+
+def test_instance_boundaries_matches_naive():
+    g = torch.Generator().manual_seed(0)
+    inst = torch.randint(0, 3, (2, 7, 9), generator=g)
+    got = data.instance_boundaries(inst)[:, 0]
+    want = torch.zeros_like(got)
+    for b in range(2):
+        for y in range(7):
+            for x in range(9):
+                for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0)):
+                    yy, xx = y + dy, x + dx
+                    if 0 <= yy < 7 and 0 <= xx < 9 and inst[b, yy, xx] != inst[b, y, x]:
+                        want[b, y, x] = 1
+    assert torch.equal(got, want)
+
+
+def test_prepare_batch_semantic_and_crossview():
+    ds = make_dataset("synthetic", size=(32, 64))
+    b = data.prepare_batch(collate([ds[i] for i in range(3)]), ds.info, "cpu", edges=True)
+    assert b["onehot"].shape == (3, 10, 32, 64) and torch.equal(b["onehot"].sum(1), torch.ones(3, 32, 64))
+    assert torch.equal(b["onehot"].argmax(1), b["label"])
+    assert b["input"].shape == (3, ds.info.input_nc, 32, 64) and b["input"][:, -1].sum() > 0
+    assert b["edge"].shape == (3, 1, 32, 64)
+    cv = make_dataset("synthetic_crossview", size=(32, 64))
+    b = data.prepare_batch(collate([cv[0], cv[1]]), cv.info, "cpu")
+    assert b["input"].shape == (2, 6, 32, 64) and torch.equal(b["input"][:, 3:], b["seg"])
+    bad = {"label": torch.full((1, 4, 4), 10), "image": torch.zeros(1, 3, 4, 4), "instance": torch.zeros(1, 4, 4)}
+    with pytest.raises(DatasetError, match="10"):
+        data.prepare_batch(bad, ds.info, "cpu")
+
+
+def test_colorize_and_save_grid(tmp_path):
+    lab = torch.tensor([[[0, 1], [2, 3]]])
+    c = data.colorize(lab, 3)  # id 3 == dontcare -> black
+    assert c.shape == (1, 3, 2, 2) and torch.equal(c[0, :, 1, 1], -torch.ones(3))
+    assert torch.allclose((c[0, :, 0, 0] + 1) * 127.5, torch.tensor([70.0, 130, 180]))
+    out = tmp_path / "g" / "grid.png"
+    data.save_grid([torch.zeros(2, 3, 8, 12), torch.ones(2, 1, 8, 12)], out, titles=["a", "b"])
+    im = Image.open(out)
+    assert im.size == (2 * (12 + 2) + 2, 14 + 2 * (8 + 2) + 2)
+    assert [p.name for p in out.parent.iterdir()] == ["grid.png"]  # no temp file left
+
+
+def test_cli_writes_grid(tmp_path, monkeypatch):
+    out = tmp_path / "s.png"
+    monkeypatch.setattr(sys, "argv", ["data.py", "--size", "32", "64", "--n", "2", "--out", str(out)])
+    runpy.run_path(str(Path(data.__file__)), run_name="__main__")
+    assert Image.open(out).size[0] > 4 * 64
+
+
+# -----------------------------------------------------------------------------
+# real layouts
+
+
+def test_coco_sample(coco_sample):
+    ds = make_dataset("coco", coco_sample, "val", (64, 64), flip=False)
+    assert (ds.info.num_classes, ds.info.label_nc, ds.info.input_nc) == (182, 183, 184)
+    i = next(i for i, (_, lp) in enumerate(ds.items) if (np.asarray(Image.open(lp)) == 255).any())
+    raw = np.asarray(Image.open(ds.items[i][1]))
+    b = data.prepare_batch(collate([ds[i]]), ds.info, "cpu")
+    lab = b["label"][0].numpy()
+    assert lab.max() <= 182 and (lab == 182).any()
+    assert set(np.unique(lab)) - {182} <= set(np.unique(raw).tolist())
+    assert torch.equal(b["onehot"][0, 182] > 0, b["label"][0] == 182)
+    assert b["input"][0, -1].sum() > 0  # instance boundaries
+    assert ds[i]["path"].endswith(".jpg")
+    assert len(make_dataset("coco", coco_sample, "train", (32, 32))) == 13
+
+
+def _png(path, arr):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(arr)).save(path)
+
+
+def _scene(h=8, w=12, n=5, seed=0):
+    """A label map and an image whose grey value encodes the label (to check image/label alignment)."""
+    lab = np.random.default_rng(seed).integers(0, n, (h, w)).astype(np.uint8)
+    img = np.repeat((lab.astype(np.int64) * 255 // (n - 1))[..., None], 3, 2).astype(np.uint8)
+    return lab, img
+
+
+def test_cityscapes_layout(tmp_path):
+    for k, city in enumerate(["aachen", "bonn"]):
+        lab, img = _scene(seed=k, n=35)
+        _png(tmp_path / f"leftImg8bit/train/{city}/{city}_0_{k}_leftImg8bit.png", img)
+        _png(tmp_path / f"gtFine/train/{city}/{city}_0_{k}_gtFine_labelIds.png", lab)
+        inst = np.where(lab > 20, 26000 + lab.astype(np.uint16), lab).astype(np.uint16)  # 16-bit PNG, like Cityscapes
+        _png(tmp_path / f"gtFine/train/{city}/{city}_0_{k}_gtFine_instanceIds.png", inst)
+    ds = make_dataset("cityscapes", tmp_path, size=(8, 12), flip=False)
+    assert len(ds) == 2 and ds.info.input_nc == 36 and not ds.info.dontcare
+    d = ds[1]
+    lab, _ = _scene(seed=1, n=35)
+    assert torch.equal(d["label"], torch.from_numpy(lab).long())
+    assert torch.equal(d["instance"], torch.from_numpy(np.where(lab > 20, 26000 + lab.astype(np.int64), lab)))
+    assert "bonn" in d["path"]
+    assert ds[0]["image"].shape == (3, 8, 12)
+    # a missing instance map is named
+    (tmp_path / "gtFine/train/bonn/bonn_0_1_gtFine_instanceIds.png").unlink()
+    with pytest.raises(DatasetError, match="bonn_0_1_gtFine_labelIds.png"):
+        make_dataset("cityscapes", tmp_path)
+
+
+def test_ade20k_layout_shift_and_dontcare(tmp_path):
+    root = tmp_path / "ADEChallengeData2016"
+    raw = np.array([[0, 1, 150], [5, 0, 2]], np.uint8)
+    _png(root / "images/validation/ADE_val_1.jpg", np.zeros((2, 3, 3), np.uint8))
+    _png(root / "annotations/validation/ADE_val_1.png", raw)
+    ds = make_dataset("ade20k", tmp_path, "val", size=(2, 3))  # parent of ADEChallengeData2016 is fine too
+    assert ds.info.label_nc == 151 and not ds.info.has_instance
+    assert ds[0]["label"].tolist() == [[150, 0, 149], [4, 150, 1]]
+    _png(root / "annotations/validation/ADE_val_1.png", np.array([[151, 1, 1], [1, 1, 1]], np.uint8))
+    with pytest.raises(DatasetError, match=r"ADE_val_1\.png.*151"):
+        make_dataset("ade20k", root, "val", size=(2, 3))[0]
+
+
+def test_facades_resize_and_flip(tmp_path):
+    lab, img = _scene(16, 24, n=13, seed=3)
+    _png(tmp_path / "train_label/f1.png", lab)
+    _png(tmp_path / "train_img/f1.png", img)
+    ds = make_dataset("facades", tmp_path, size=(8, 12), flip=False)
+    d = ds[0]
+    assert ds.info.num_classes == 13 and d["label"].shape == (8, 12)
+    assert torch.equal(d["label"], torch.from_numpy(lab[1::2, 1::2]).long())  # nearest: exact ids survive
+    assert torch.equal(ds[0]["image"], d["image"])  # deterministic without flip
+    flips = make_dataset("facades", tmp_path, size=(16, 24), flip=True)
+    seen = set()
+    for _ in range(20):
+        d = flips[0]
+        grey = ((d["image"][0] + 1) * 127.5).round().long()
+        assert torch.equal(grey, d["label"] * 255 // 12)  # image and label flipped together
+        seen.add(bool(torch.equal(d["label"], torch.from_numpy(lab).long())))
+    assert seen == {True, False}
+
+
+def test_custom_and_label_dir_layouts(tmp_path):
+    lab, img = _scene(n=7)
+    lab[0, 0] = 255
+    _png(tmp_path / "labels/a.png", lab)
+    _png(tmp_path / "imgs/a.jpg", img)
+    ds = make_dataset("custom", size=(8, 12), label_dir=tmp_path / "labels", image_dir=tmp_path / "imgs",
+                      num_classes=7, dontcare_value=255, flip=False)
+    assert ds.info.label_nc == 8 and ds[0]["label"][0, 0] == 7
+    lab[0, 0] = 3
+    _png(tmp_path / "labels/a.png", lab)
+    ds = make_dataset("deepfashion", split="val", size=(8, 12), label_dir=tmp_path / "labels", image_dir=tmp_path / "imgs")
+    assert ds.info.num_classes == 20 and torch.equal(ds[0]["label"], torch.from_numpy(lab).long())
+    assert make_dataset("celebamask", label_dir=tmp_path / "labels", image_dir=tmp_path / "imgs").info.num_classes == 19
+
+
+def _panel_file(path, h=8, w=10, seed=0, grey_a=None):
+    g = np.random.default_rng(seed)
+    la, lg = g.integers(0, 6, (h, w)), g.integers(0, 6, (h, w))
+    panels = [g.integers(0, 255, (h, w, 3)), g.integers(0, 255, (h, w, 3)),
+              np.repeat((la * 40)[..., None], 3, 2), np.repeat((lg * 40)[..., None], 3, 2),
+              np.repeat(((la + 1) * 10 if grey_a is None else grey_a)[..., None], 3, 2),
+              np.repeat(((lg + 1) * 10)[..., None], 3, 2)]
+    _png(path, np.concatenate(panels, 1).astype(np.uint8))
+    return la, lg
+
+
+def test_crossview_panels(tmp_path):
+    la, lg = _panel_file(tmp_path / "train/x.png")
+    ds = make_dataset("crossview", tmp_path, size=(4, 5), flip=False)
+    assert ds.info.task == "crossview" and ds.info.num_classes == 6
+    d = ds[0]
+    assert d["image_a"].shape == d["seg"].shape == (3, 4, 5)
+    assert torch.equal(d["label_a"], torch.from_numpy(la[1::2, 1::2]))
+    assert torch.equal(d["label"], torch.from_numpy(lg[1::2, 1::2]))
+    b = data.prepare_batch(collate([d]), ds.info, "cpu")
+    assert b["input"].shape == (1, 6, 4, 5) and b["onehot"].shape == (1, 6, 4, 5)
+
+
+# -----------------------------------------------------------------------------
+# bad input: DatasetError naming the file and the value or the layout
+
+
+def _facades(root, n=2, size=(8, 12)):
+    for k in range(n):
+        lab, img = _scene(*size, n=13, seed=k)
+        _png(root / f"train_label/f{k}.png", lab)
+        _png(root / f"train_img/f{k}.png", img)
+    return root
+
+
+def test_bad_label_value(tmp_path):
+    _facades(tmp_path)
+    lab = np.zeros((8, 12), np.uint8)
+    lab[2, 3] = 20
+    _png(tmp_path / "train_label/f1.png", lab)
+    ds = make_dataset("facades", tmp_path)
+    ds[0]
+    with pytest.raises(DatasetError, match=r"f1\.png.*value 20"):
+        ds[1]
+
+
+def test_bad_coco_value_but_255_is_dontcare(tmp_path):
+    (tmp_path / "val_inst").mkdir()
+    lab = np.full((4, 4), 255, np.uint8)
+    _png(tmp_path / "val_img/c.jpg", np.zeros((4, 4, 3), np.uint8))
+    _png(tmp_path / "val_inst/c.png", np.zeros((4, 4), np.uint8))
+    _png(tmp_path / "val_label/c.png", lab)
+    assert (make_dataset("coco", tmp_path, "val", (4, 4))[0]["label"] == 182).all()
+    lab[0, 0] = 200
+    _png(tmp_path / "val_label/c.png", lab)
+    with pytest.raises(DatasetError, match=r"c\.png.*value 200.*dontcare value 255"):
+        make_dataset("coco", tmp_path, "val", (4, 4))[0]
+
+
+def test_bad_size_mismatch(tmp_path):
+    _facades(tmp_path)
+    _png(tmp_path / "train_label/f0.png", np.zeros((9, 12), np.uint8))
+    with pytest.raises(DatasetError, match=r"f0\.png.*12x9.*12x8"):
+        make_dataset("facades", tmp_path)[0]
+
+
+def test_bad_pairing(tmp_path):
+    _facades(tmp_path)
+    _png(tmp_path / "train_img/extra.png", np.zeros((8, 12, 3), np.uint8))
+    with pytest.raises(DatasetError, match=r"extra\.png: image without a label"):
+        make_dataset("facades", tmp_path)
+    (tmp_path / "train_img/extra.png").unlink()
+    (tmp_path / "train_img/f1.png").unlink()
+    with pytest.raises(DatasetError, match=r"f1\.png: label without an image.*counts 1 vs 2"):
+        make_dataset("facades", tmp_path)
+
+
+def test_bad_root_and_layout(tmp_path):
+    with pytest.raises(DatasetError, match=r"nowhere: dataset root not found"):
+        make_dataset("coco", tmp_path / "nowhere")
+    (tmp_path / "images").mkdir()
+    with pytest.raises(DatasetError, match=r"leftImg8bit.*expected layout.*_labelIds\.png"):
+        make_dataset("cityscapes", tmp_path)
+    with pytest.raises(DatasetError, match=r"train_img.*expected layout"):
+        make_dataset("facades", tmp_path)
+    with pytest.raises(DatasetError, match="train: folder not found"):
+        make_dataset("crossview", tmp_path)
+    with pytest.raises(ValueError, match="unknown dataset"):
+        make_dataset("cityscape", tmp_path)
+
+
+def test_bad_corrupt_file(tmp_path):
+    _facades(tmp_path)
+    (tmp_path / "train_img/f1.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    ds = make_dataset("facades", tmp_path)
+    with pytest.raises(DatasetError, match=r"f1\.png: cannot read image"):
+        ds[1]
+
+
+def test_bad_colour_label_and_panel_layout(tmp_path):
+    _facades(tmp_path)
+    _png(tmp_path / "train_label/f0.png", np.random.default_rng(0).integers(0, 13, (8, 12, 3)).astype(np.uint8))
+    with pytest.raises(DatasetError, match=r"f0\.png: label maps must hold class ids in one channel"):
+        make_dataset("facades", tmp_path)[0]
+    _png(tmp_path / "cv/train/p.png", np.zeros((8, 61, 3), np.uint8))
+    with pytest.raises(DatasetError, match=r"p\.png: width 61 is not 6 equal panels"):
+        make_dataset("crossview", tmp_path / "cv")[0]
+    _panel_file(tmp_path / "cv/train/p.png", grey_a=np.full((8, 10), 200))
+    with pytest.raises(DatasetError, match=r"p\.png: L_a panel value 200"):
+        make_dataset("crossview", tmp_path / "cv")[0]
