@@ -587,6 +587,8 @@ def _val_set(data, name, dataroot, info):
     if info.task == "crossview" and name == "synthetic":
         name = "synthetic_crossview"  # as train.py names it
     kw = dict(dataroot=dataroot or None, size=(info.height, info.width))
+    if not name.startswith("synthetic"):
+        kw["flip"] = False  # real loaders flip the training split by default; never while measuring
     try:
         return data.make_dataset(name, split="val", **kw), name, "val"
     except data.DatasetError:
@@ -639,8 +641,9 @@ def evaluate(ckpt_path, dataset=None, dataroot=None, out=None, num=None, batch_s
     if segmenter:
         seg, seg_desc = load_segmenter(segmenter, info, device), f"user segmenter {segmenter}"
     else:
-        for cand in (_segmenter_cache_path(out, name, info), Path(ckpt_path).parent / "segmenter.pt",
-                     _segmenter_cache_path(Path(ckpt_path).parent, name, info)):
+        # Not <run>/segmenter.pt: that is ECGAN's G_l, which the similarity loss (Eq. 3) trained G to agree
+        # with; measuring with it would flatter ECGAN. Ours is trained separately (and with another seed).
+        for cand in (_segmenter_cache_path(out, name, info), _segmenter_cache_path(Path(ckpt_path).parent, name, info)):
             if cand.is_file():
                 try:
                     seg = load_segmenter(cand, info, device)
@@ -655,7 +658,7 @@ def evaluate(ckpt_path, dataset=None, dataroot=None, out=None, num=None, batch_s
             train_set = data.make_dataset(name, dataroot=dataroot or tcfg.get("dataroot") or None, split="train",
                                           size=(info.height, info.width))
             seg = train_segmenter(train_set, info, steps=seg_steps, batch_size=batch_size, device=device,
-                                  out_path=cache, progress=progress)
+                                  out_path=cache, progress=progress, seed=1)
             seg_desc = f"built-in segmenter {cache} ({seg_steps} steps)"
         elif seg is None:
             notes.append("mIoU / accuracy skipped: no segmenter (--segmenter PATH or --seg-steps > 0)")
@@ -765,7 +768,9 @@ def evaluate(ckpt_path, dataset=None, dataroot=None, out=None, num=None, batch_s
     if clf is not None:
         for key, v in classifier_metrics(torch.cat(logits["fake"]), torch.cat(logits["real"])).items():
             metrics[key] = v
-            protocol[key] = f"classifier {classifier}; ground truth = its top-1 class on the real image"
+            protocol[key] = f"classifier {classifier}" + (
+                "; ground truth = its top-1 class on the real image" if "accuracy" in key else
+                "; KL(p_real || p_fake)" if key == "KL" else "")
     results = {
         "checkpoint": ckpt_path, "model": model_name, "step": int(ckpt.get("step", 0)), "dataset": name,
         "split": split, "num_images": done, "resolution": hw, "seconds": round(time.time() - t0, 1),
@@ -805,7 +810,8 @@ def train_segmenter_cli(args):
     seg = train_segmenter(train_set, info, steps=args.seg_steps, batch_size=args.batch_size, device=device,
                           out_path=path)
     try:
-        val, split = data.make_dataset(args.dataset, dataroot=args.dataroot or None, split="val", size=size), "val"
+        kw = {} if args.dataset.startswith("synthetic") else {"flip": False}
+        val, split = data.make_dataset(args.dataset, dataroot=args.dataroot or None, split="val", size=size, **kw), "val"
     except data.DatasetError:
         val, split = train_set, "train (no validation split)"
     ignore = default_ignore(info) if args.ignore is None else args.ignore
@@ -857,15 +863,9 @@ def main(argv=None):
                         batch_size=args.batch_size, device=args.device, inception=args.inception,
                         segmenter=args.segmenter, classifier=args.classifier, seg_steps=args.seg_steps,
                         ignore=args.ignore, save_images=not args.no_images)
-    except EvalError as e:
+    except (EvalError, ValueError) as e:  # ValueError: data.DatasetError, unknown dataset names
         print(f"eval.py: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except Exception as e:
-        import data
-        if isinstance(e, data.DatasetError):
-            print(f"eval.py: error: {e}", file=sys.stderr)
-            sys.exit(2)
-        raise
 
 
 if __name__ == "__main__":

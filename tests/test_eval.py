@@ -292,3 +292,37 @@ def test_eval_errors_name_the_checkpoint(tmp_path, capsys):
     torch.save({"kind": "segmenter", "state": {}}, tmp_path / "segmenter.pt")
     with pytest.raises(evaluation.EvalError, match="segmenter.pt.*not a training checkpoint"):
         evaluation.evaluate(tmp_path / "segmenter.pt")
+
+
+@pytest.mark.slow
+def test_end_to_end_crossview_eval_with_a_torchscript_classifier(tmp_path):
+    if not _has("lggan"):
+        pytest.skip("lggan.py not available")
+    import dataclasses
+    import lggan
+    _, info = _synthetic("train", 1, crossview=True)
+    small = {"task": "crossview", "ngf": 4, "ndf": 4, "n_res": 1}  # tiny widths; only fields lggan.Config has
+    names = {f.name for f in dataclasses.fields(lggan.Config)}
+    cfg = lggan.Config(**{k: v for k, v in small.items() if k in names})
+    G, D = lggan.build(cfg, info)
+    ckpt = {"model": "lggan", "model_cfg": dataclasses.asdict(cfg), "train_cfg": {"dataset": "synthetic"},
+            "info": dataclasses.asdict(info), "G": G.state_dict(), "D": D.state_dict(), "opt_G": {}, "opt_D": {},
+            "scaler": None, "step": 1, "rng": []}
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+
+    class SceneClassifier(torch.nn.Module):  # stands in for a user's Places365 export
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 6)
+
+        def forward(self, x):
+            return self.fc(x.mean(dim=(2, 3))) * 5
+
+    torch.jit.save(torch.jit.script(SceneClassifier()), tmp_path / "places.pt")
+    res = evaluation.evaluate(tmp_path / "ckpt.pt", out=tmp_path / "eval", num=3, batch_size=2, seg_steps=2,
+                              classifier=str(tmp_path / "places.pt"), progress=False)
+    m = res["metrics"]
+    assert -1 <= m["SSIM"] <= 1 and 0 < m["PSNR"] <= evaluation.PSNR_CAP and m["sharpness difference"] > 0
+    assert 0 <= m["top-1 accuracy"] <= m["top-5 accuracy"] <= 1 and m["KL"] >= 0
+    assert 1 <= m["inception-style score (all)"] <= 6
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"] == m
