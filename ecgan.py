@@ -12,7 +12,8 @@ Map of this file (Fig. 1 of the paper):
     SemanticPreserving        G_s: concat(F, I', I_e', S) -> N-channel F_c -> Eq. 2 -> C+N+3+3 -> conv + tanh -> I''
     LabelGenerator            G_l: a frozen segmenter (eval.py's) that passes gradient to its input only
     ProjectionHead, sample_anchors, pixel_contrastive_loss   G_c: Eq. 5 on class-balanced pixels across the batch
-    ClassSpecificGenerator    Eqs. 6, 7: one conv per class on the contrastively learned features, summed
+    lggan.ClassGenerator      Eqs. 6, 7: one conv per class on the class-masked contrastively learned feature F,
+                              summed (addition fusion); lggan.masked_l1 is Eq. 6 (the same form as LGGAN's Eq. 3)
     similarity_loss           Eq. 3: BCE between the M x M maps S^T S and S''^T S'' (naive and chunked)
     ECGANConfig, TABLE3       every hyperparameter, and the ablation rows of Table 3 as switches
     ECGANGenerator            E (GauGAN head + trunk) -> G_e, G_i, G_t -> G_s -> I''; G_l, G_c alongside
@@ -33,6 +34,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from torch.utils.checkpoint import checkpoint
 
 import gaugan
+import lggan  # LGGAN's class-specific generator is ECGAN's G_c generator (Eqs. 6, 7)
 
 
 def conv(cin, cout, k=3, spectral=True):
@@ -94,7 +96,9 @@ class LabelGenerator(nn.Module):
 
     def __init__(self, net):
         super().__init__()
-        self.net = net.eval().requires_grad_(False)
+        self.net = net.eval()
+        for p in self.net.parameters():  # ScriptModules have no requires_grad_()
+            p.requires_grad_(False)
 
     def train(self, mode=True):
         return super().train(False)  # G.train() must not put the segmenter's batch norm in training mode
@@ -104,7 +108,10 @@ class LabelGenerator(nn.Module):
             raise RuntimeError("ecgan.LabelGenerator: the segmenter's parameters require grad; G_l must stay frozen "
                                "(something called requires_grad_(True) on G)")
         with torch.autocast(image.device.type, enabled=False):
-            return self.net(image.float()).softmax(1)  # (B, 3, H, W) -> (B, label_nc, H, W) probabilities S''
+            logits = self.net(image.float())
+            if logits.shape[-2:] != image.shape[-2:]:  # user segmenters may predict at a lower resolution
+                logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
+            return logits.softmax(1)  # (B, 3, H, W) -> (B, label_nc, H, W) probabilities S''
 
 
 def make_label_generator(cfg, info):
@@ -214,44 +221,6 @@ def _contrast_vectorized(z, labels, t):
     return (terms.sum(dim=1)[has_pos] / n_pos[has_pos]).mean()
 
 
-class ClassSpecificGenerator(nn.Module):
-    """Eqs. 6, 7: one conv + tanh per class on the contrastively learned feature F; each pixel is produced by its
-    own class's branch (I_g_c = M_c * tanh(conv_c(F))) and I_g = sum_c I_g_c (Eq. 7, addition fusion).
-
-    This is LGGAN's local class-specific generator reduced to what ECGAN describes, with one difference: the
-    class mask multiplies the output, not the input. Feeding the unmasked F costs one C -> 3N conv instead of N
-    convs over N masked copies of F (35 x 64 channels at 256x512 on Cityscapes), and differs from input masking
-    only within the kernel radius of class borders. "naive" loops over classes; "vectorized" runs one conv with
-    the classes' weights stacked; both use the same parameters (a spectral-normed conv per class)."""
-
-    def __init__(self, nf, num_classes, k=3, spectral=True):
-        super().__init__()
-        self.convs = nn.ModuleList(conv(nf, 3, k, spectral) for _ in range(num_classes))
-        self.k = k
-
-    def forward(self, feat, masks, impl="vectorized"):
-        """feat (B, C, H, W); masks (B, N, H, W) one-hot of the real classes -> I_g (B, 3, H, W)."""
-        if impl == "naive":
-            return sum(torch.tanh(c(feat)) * masks[:, i:i + 1] for i, c in enumerate(self.convs))
-        if impl != "vectorized":
-            raise ValueError(f"ecgan.ClassSpecificGenerator: impl must be 'naive' or 'vectorized', got {impl!r}")
-        w = torch.cat([c.weight for c in self.convs])  # (3N, C, k, k)
-        b = torch.cat([c.bias for c in self.convs])
-        out = torch.tanh(F.conv2d(feat, w, b, padding=self.k // 2))  # (B, C, H, W) -> (B, 3N, H, W)
-        B, _, H, W = out.shape
-        return (out.view(B, -1, 3, H, W) * masks[:, :, None]).sum(1)  # Eq. 7: (B, N, 3, H, W) -> (B, 3, H, W)
-
-
-def class_l1_loss(fake, real, masks):
-    """Eq. 6: per-class L1 between I_g and the real image, each class averaged over its own pixels (so small
-    classes weigh as much as large ones), then averaged over the classes present. The paper sums over classes;
-    the mean keeps lambda independent of how many classes a batch holds. masks (B, N, H, W)."""
-    area = masks.sum(dim=(0, 2, 3))  # (N,)
-    err = ((fake - real).abs().mean(1, keepdim=True) * masks).sum(dim=(0, 2, 3))  # (N,)
-    present = area > 0
-    return (err[present] / area[present]).mean() if present.any() else fake.sum() * 0.0
-
-
 # ----------------------------------------------------------------------------- similarity loss (Sec. 3.2, Eq. 3)
 
 def similarity_loss(pred, target, impl="chunked", chunk=1024, eps=1e-6):
@@ -329,7 +298,7 @@ class ECGANConfig:
     max_anchors: int = 1024               # anchors per batch across images (pixel contrast literature)
     max_per_class: int = 100              # per-class anchor cap, class balance (pixel contrast literature)
     contrast_impl: str = "vectorized"     # "vectorized" | "naive" (loops like Eq. 5; tests only)
-    class_impl: str = "vectorized"        # "vectorized" | "naive" class-specific generator
+    class_impl: str = "vectorized"        # lggan.ClassGenerator: "vectorized" (present classes) | "naive" (loop)
     class_to_gs: bool = False             # ours: also feed I_g into G_s (default: I_g is an auxiliary output)
     # multi-modal synthesis (App. C)
     use_vae: bool = False                 # style encoder + KL: different edges and images per layout (App. C)
@@ -395,7 +364,7 @@ class ECGANGenerator(nn.Module):
         self.edge_branch = Branch(nf, cfg.n_layers, cfg.spectral) if cfg.use_edge else None  # G_e
         if cfg.use_contrast:
             self.projection = ProjectionHead(nf, cfg.proj_dim, cfg.spectral)
-            self.class_generator = ClassSpecificGenerator(nf, info.num_classes, 3, cfg.spectral)
+            self.class_generator = lggan.ClassGenerator(info.num_classes, nf, cfg.class_impl)
         if cfg.use_semantic:  # G_s input: F, I', I_e', S (+ I_g with class_to_gs); F' has C + N + 3 + 3 channels
             in_nc = nf + 3 + 3 * cfg.use_edge + info.input_nc + 3 * (cfg.use_contrast and cfg.class_to_gs)
             self.semantic = SemanticPreserving(in_nc, info.label_nc, nf + info.input_nc + 6, cfg.spectral)
@@ -433,7 +402,8 @@ class ECGANGenerator(nn.Module):
         out["intermediate"] = img
 
         if cfg.use_contrast:  # G_c on the shared feature F: Eqs. 6, 7
-            out["class"] = self.class_generator(feat, masks, cfg.class_impl)
+            out["class_images"], out["class_idx"], _ = self.class_generator(feat, masks)  # (B, K, 3, H, W)
+            out["class"] = out["class_images"].sum(1)  # Eq. 7: I_g = I_g1 + ... + I_gN (absent classes are 0)
             if aux:  # Eq. 5 inputs: class-balanced pixels from the whole batch, projected and labelled
                 labels = onehot.argmax(1).flatten()  # (B*H*W,), dontcare = num_classes
                 idx = sample_anchors(labels, cfg.max_anchors, cfg.max_per_class,
@@ -522,8 +492,7 @@ def g_step(G, D, batch, cfg, vgg=None):
     if "emb" in out:
         logs["G_contrast"] = cfg.lambda_l * pixel_contrastive_loss(out["emb"], out["emb_labels"], cfg.temperature,
                                                                    cfg.contrast_impl)
-        masks = cond[:, :G_module(G).num_classes]
-        logs["G_l1"] = cfg.lambda_l1 * class_l1_loss(out["class"], real, masks)
+        logs["G_l1"] = cfg.lambda_l1 * lggan.masked_l1(out["class_images"], out["class_idx"], batch["onehot"], real)
     if "kld" in out:
         logs["G_kld"] = cfg.lambda_kld * out["kld"]
     loss = sum(logs.values())
