@@ -18,6 +18,7 @@ Map of the file:
   python data.py                  writes a PNG grid: image | colour label | Canny edges
 """
 import argparse
+import functools
 import math
 import os
 import tempfile
@@ -66,6 +67,7 @@ _STREET = [(70, 130, 180), (70, 70, 70), (128, 64, 128), (244, 35, 232), (152, 2
            (107, 142, 35), (0, 0, 142), (153, 153, 153), (220, 220, 0), (220, 20, 60)]
 
 
+@functools.lru_cache(maxsize=None)
 def _palette(n):
     pal = list(_STREET)
     i = 1
@@ -399,10 +401,13 @@ def _render(s, H, W, x0, x1, y0, y1):
     n1, n2 = c.n1, c.n2
     yb, yc = s["y_b"], s["y_c"]
     # sky: vertical gradient + clouds from coarse noise
-    t = np.clip(c.ys / yb, 0, 1)[:, None, None]
-    sky = s["sky"][0] * (1 - t) + s["sky"][1] * t
-    cloud = np.clip((0.7 * n1 + 0.3 * n2 - 0.6 + s["clouds"] * 0.6) * 2.5, 0, 1)[..., None] * s["clouds"]
-    c.put((slice(None), slice(None)), None, SKY, SKY, sky * (1 - cloud) + 0.95 * cloud)
+    b = c.box(-1, s["width"] + 1, -1, yb)  # below yb the sidewalk and road cover everything
+    if b:
+        sl, X, Y = b
+        t = np.clip(Y / yb, 0, 1)[..., None]
+        sky = s["sky"][0] * (1 - t) + s["sky"][1] * t
+        cloud = np.clip((0.7 * n1[sl] + 0.3 * n2[sl] - 0.6 + s["clouds"] * 0.6) * 2.5, 0, 1)[..., None] * s["clouds"]
+        c.put(sl, None, SKY, SKY, sky * (1 - cloud) + 0.95 * cloud)
     # park lawns
     for pa, pb in s["parks"]:
         b = c.box(pa, pb, s["y_p"], yb)
@@ -444,7 +449,7 @@ def _render(s, H, W, x0, x1, y0, y1):
     b = c.box(-1, s["width"] + 1, yc, 1.01)
     if b:
         sl, X, Y = b
-        c.put(sl, None, ROAD, ROAD, s["asphalt"] * (1 + 0.05 * n1[sl] + 0.12 * n2[sl])[..., None])
+        c.put(sl, None, ROAD, ROAD, s["asphalt"] * (1 + 0.05 * n1[sl] + 0.08 * n2[sl])[..., None])
         period, phase, yellow = s["dash"]
         dash = _periodic_dist(X, period, phase) > 0.22 * period
         col = _rgb(230, 190, 40) if yellow else _rgb(235, 235, 230)
@@ -855,6 +860,7 @@ def make_dataset(name="synthetic", dataroot=None, split="train", size=None, **kw
     if name not in NAMES:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(NAMES)}")
     if name in ("synthetic", "synthetic_crossview"):
+        kw.pop("flip", None)  # every sample is a fresh scene already
         return SyntheticStreets(split, tuple(size or (64, 128)), crossview=name == "synthetic_crossview", **kw)
     flip = kw.pop("flip", split == "train")
     if name == "crossview":
