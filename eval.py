@@ -2,8 +2,8 @@
 eval.py: generate a validation set from a checkpoint, then measure it.
 
 Metrics used by ECGAN ("Edge Guided GANs with Contrastive Learning for Semantic Image Synthesis", ICLR 2023)
-and LGGAN / LGGAN++ ("Local Class-Specific and Global Image-Level Generative Adversarial Networks for
-Semantic-Guided Scene Generation", CVPR 2020; journal version with SAU, 2022), all in one file:
+and LGGAN / LGGAN++ ("Local and Global GANs with Semantic-Aware Upsampling for Image Generation", 2022, which
+extends the CVPR 2020 LGGAN paper), all in one file:
 
   FID            InceptionV3 in pytorch-fid's 'FID' variant (FIDInceptionV3, load_fid_inception), pool3
                  2048-d features, Fréchet distance in float64 via eigenvalues (frechet_distance).
@@ -14,8 +14,9 @@ Semantic-Guided Scene Generation", CVPR 2020; journal version with SAU, 2022), a
                  images is reported as the ceiling.
   cross-view     SSIM (Gaussian 11, sigma 1.5), PSNR, sharpness difference, and with a user-supplied TorchScript
                  scene classifier: top-1/top-5 accuracy, KL, inception-style score (classifier_metrics).
-  main           `python eval.py --ckpt RUN/ckpt_latest.pt` -> PNGs, a grid, a printed table and metrics.json;
-                 `python eval.py --train-segmenter --dataset NAME` trains and caches the built-in segmenter.
+  evaluate/main  `python eval.py --ckpt RUN/ckpt_latest.pt [--inception PATH_OR_URL]` -> <RUN>/eval/{fake,real}/*.png,
+                 grid.png, a printed table and metrics.json (each number with its protocol);
+                 `python eval.py --train-segmenter --dataset NAME --out RUN` trains and caches the built-in segmenter.
 
 train, lggan and ecgan are imported inside functions only: ecgan.py imports this file for the segmenter.
 """
@@ -34,7 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-FID_WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                   "pt_inception-2015-12-05-6726825d.pth")
 FID_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 PSNR_CAP = 100.0  # dB returned for identical images (MSE = 0), so means over a set stay finite
 
@@ -811,7 +813,8 @@ def train_segmenter_cli(args):
                           out_path=path)
     try:
         kw = {} if args.dataset.startswith("synthetic") else {"flip": False}
-        val, split = data.make_dataset(args.dataset, dataroot=args.dataroot or None, split="val", size=size, **kw), "val"
+        val = data.make_dataset(args.dataset, dataroot=args.dataroot or None, split="val", size=size, **kw)
+        split = "val"
     except data.DatasetError:
         val, split = train_set, "train (no validation split)"
     ignore = default_ignore(info) if args.ignore is None else args.ignore
@@ -836,7 +839,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--ckpt", help="training checkpoint (e.g. runs/lggan/ckpt_latest.pt)")
     p.add_argument("--train-segmenter", action="store_true", help="train and cache the built-in segmenter only")
-    p.add_argument("--dataset", default=None, help="default: the checkpoint's dataset (synthetic for --train-segmenter)")
+    p.add_argument("--dataset", default=None,
+                   help="default: the checkpoint's dataset (synthetic for --train-segmenter)")
     p.add_argument("--dataroot", default=None)
     p.add_argument("--out", default=None, help="output folder (default: <ckpt folder>/eval)")
     p.add_argument("--num", type=int, default=None, help="evaluate the first N validation images (default: all)")

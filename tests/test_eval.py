@@ -148,7 +148,8 @@ def test_fid_inception_accepts_the_weights_file_layout(tmp_path):
     assert sum(p.numel() for p in model.parameters()) == 23_850_960  # torchvision's no-aux count + 8 more fc rows
     # a random state dict with exactly those keys and shapes (num_batches_tracked dropped, as in older files)
     g = torch.Generator().manual_seed(0)
-    state = {k: (torch.rand(v.shape, generator=g) + 0.5) if "running_var" in k else torch.randn(v.shape, generator=g) * 0.05
+    state = {k: (torch.rand(v.shape, generator=g) + 0.5) if "running_var" in k
+             else torch.randn(v.shape, generator=g) * 0.05
              for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     path = tmp_path / evaluation.FID_WEIGHTS_FILE
     torch.save(state, path)
