@@ -224,7 +224,6 @@ class WeightMap(nn.Module):
 
 @dataclass
 class LGGANConfig:
-    task: str = "semantic"                # "semantic" | "crossview" (Sec. 4.1.1); train.py sets it from --task
     ngf: int = 64                         # width: GauGAN nf; E is ngf..16ngf = 64..1024 (public code)
     ndf: int = 64                         # discriminator width (public code, pix2pix)
     num_upsampling_layers: str = "normal"  # GauGAN trunk: "normal" | "more" (Cityscapes, public code)
@@ -251,12 +250,13 @@ class LGGANConfig:
 
     @classmethod
     def for_task(cls, task, **kw):
-        """The paper's defaults for a task; keyword arguments override them."""
-        return cls(**{"task": task, **TASK_DEFAULTS[task], **kw})
+        """The paper's defaults for a task ("semantic" | "crossview"); keyword arguments override them."""
+        return cls(**{**TASK_DEFAULTS[task], **kw})
 
 
+# The task is DataInfo.task (the dataset decides; no config field, so no clash with train.py's --task).
 # Fields whose paper value depends on the task (public cross-view code: Adam 2e-4, betas (0.5, 0.999),
-# masked L1 x100). Apply them for flags not given on the command line, like train.py's PRESETS.
+# masked L1 x100): apply them for flags not given on the command line, like train.py's PRESETS.
 TASK_DEFAULTS = {
     "semantic": {},
     "crossview": dict(lr_g=2e-4, lr_d=2e-4, beta1=0.5, beta2=0.999, lambda_local_l1=100.0),
@@ -400,21 +400,19 @@ def split_preds(preds, n):
 # ----------------------------------------------------------------------------- model interface
 
 def build(cfg, info):
-    if cfg.task != info.task:
-        raise ValueError(f"lggan.py: config task={cfg.task!r} but dataset {info.name!r} is for task {info.task!r}; "
-                         f"pass --task {info.task}")
+    """Semantic synthesis or cross-view translation, as info.task says."""
     if cfg.impl not in IMPLS:
         raise ValueError(f"lggan.py: impl={cfg.impl!r}, expected one of {IMPLS}")
-    if cfg.task == "crossview":
+    if info.task == "crossview":
         if (cfg.lr_g, cfg.beta1) == (Config.lr_g, Config.beta1):
             warnings.warn("lggan.py: cross-view run with the semantic-synthesis optimiser settings; the paper's are "
                           f"{TASK_DEFAULTS['crossview']} (LGGANConfig.for_task('crossview'))")
         G, D = CrossViewGenerator(cfg, info), CrossViewDiscriminator(cfg.ndf)
-    elif cfg.task == "semantic":
+    elif info.task == "semantic":
         G = LGGANGenerator(cfg, info)
         D = gaugan.MultiscaleDiscriminator(info.input_nc + 3, cfg.ndf, cfg.n_layers_D, cfg.num_D)
     else:
-        raise ValueError(f"lggan.py: task={cfg.task!r}, expected 'semantic' or 'crossview'")
+        raise ValueError(f"lggan.py: dataset {info.name!r} has task={info.task!r}, expected 'semantic' or 'crossview'")
     return gaugan.init_weights(G), gaugan.init_weights(D)
 
 
@@ -424,7 +422,7 @@ def g_step(G, D, batch, cfg, vgg=None):
     fakes = outputs_of(out)
     n = len(fakes)
     logs = {}
-    if cfg.task == "crossview":
+    if "image_a" in batch:                                 # cross-view batch (data.py keys)
         # both D judge the three outputs, one forward each on their concatenation along the batch
         p_s, p_i = D(batch["seg"].repeat(n, 1, 1, 1), batch["image_a"].repeat(n, 1, 1, 1), torch.cat(fakes))
         logs["G_gan"] = n * (bce(p_s, 1) + bce(p_i, 1))    # summed over the outputs (Eqs. 9, 10)
@@ -452,7 +450,7 @@ def d_step(G, D, batch, cfg):
         fakes = outputs_of(G(batch["input"], batch["onehot"]))
     n = len(fakes)
     images = torch.cat([real] + fakes)                     # real and every fake in ONE D forward
-    if cfg.task == "crossview":
+    if "image_a" in batch:
         p_s, p_i = D(batch["seg"].repeat(n + 1, 1, 1, 1), batch["image_a"].repeat(n + 1, 1, 1, 1), images)
         l_real = n * sum(0.5 * bce(p.chunk(n + 1)[0], 1) for p in (p_s, p_i))       # pix2pix's 0.5 * (real + fake)
         l_fake = sum(0.5 * bce(c, 0) for p in (p_s, p_i) for c in p.chunk(n + 1)[1:])
@@ -552,7 +550,7 @@ if __name__ == "__main__":
     for name, cfg, info in table_infos():
         with torch.device("meta"):  # shapes only: counting 111M parameters without allocating them
             G, D = build(cfg, info)
-        D = D.D_s if cfg.task == "crossview" else D   # cross-view: one of its two discriminators (Table 4)
+        D = D.D_s if info.task == "crossview" else D   # cross-view: one of its two discriminators (Table 4)
         print(f"| {name} | generator | {count_params(G) / 1e6:.2f} |")
         print(f"| {name} | discriminator | {count_params(D) / 1e6:.2f} |")
     if args.bench:

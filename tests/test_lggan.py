@@ -83,7 +83,7 @@ def test_weight_maps_sum_to_one():
     info = semantic_info()
     for cfg, inf in ((lggan.Config(**TINY), info), (lggan.Config.for_task("crossview", **TINY), crossview_info())):
         G, _ = build(cfg, inf)
-        batch = (semantic_batch if cfg.task == "semantic" else crossview_batch)(inf, labels())
+        batch = (semantic_batch if inf.task == "semantic" else crossview_batch)(inf, labels())
         w = G(batch["input"], batch["onehot"])["weights"]
         assert torch.allclose(w.sum(1), torch.ones(2, H, W), atol=1e-6)   # Eq. 7
         assert (w >= 0).all()
@@ -238,8 +238,8 @@ def test_parameter_counts_table4_and_cityscapes():
 
 
 def test_errors_name_the_file_and_value():
-    with pytest.raises(ValueError, match="lggan.py.*task='semantic'.*crossview"):
-        lggan.build(lggan.Config(**TINY), crossview_info())
+    with pytest.raises(ValueError, match="lggan.py.*task='depth'"):
+        lggan.build(lggan.Config(**TINY), data.DataInfo("d", 3, False, False, H, W, "depth"))
     with pytest.raises(ValueError, match="lggan.py.*impl='loop'"):
         lggan.build(lggan.Config(impl="loop", **TINY), semantic_info())
 
