@@ -858,7 +858,7 @@ def make_dataset(name="synthetic", dataroot=None, split="train", size=None, **kw
     together. synthetic*: length, seed. deepfashion/celebamask: label_dir, image_dir (default
     <dataroot>/{split}_label, {split}_img). custom: label_dir, image_dir, num_classes, dontcare_value, instance_dir."""
     if name not in NAMES:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(NAMES)}")
+        raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(NAMES)}")
     if name in ("synthetic", "synthetic_crossview"):
         kw.pop("flip", None)  # every sample is a fresh scene already
         return SyntheticStreets(split, tuple(size or (64, 128)), crossview=name == "synthetic_crossview", **kw)

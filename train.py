@@ -273,21 +273,22 @@ def config_differences(a: dict, b: dict):
 # random state, for bit-exact resume
 
 def get_rng_state():
+    """Plain lists and numbers only, so the state both pickles across ranks and loads with weights_only=True."""
     np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:])}
+    state = {"torch": torch.get_rng_state().tolist(), "python": random.getstate(),
+             "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
     return state
 
 
 def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     random.setstate(_tuplify(state["python"]))
     name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
 def _tuplify(x):
@@ -436,7 +437,7 @@ def train(tcfg: TrainConfig, mcfg):
 
     def state_dict():
         rng = [get_rng_state()]
-        if world > 1:
+        if world > 1:  # every rank's random stream
             rng = [None] * world
             dist.all_gather_object(rng, get_rng_state())
         return {"model": tcfg.model, "model_cfg": asdict(mcfg), "train_cfg": asdict(tcfg), "info": asdict(info),

@@ -67,8 +67,18 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(tmp_path
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     run(tmp_path / "single", "--steps", "2", "--batch_size", "4")
-    assert_same_params(load_G(tmp_path / "ddp" / "ckpt_latest.pt"),
-                       load_G(tmp_path / "single" / "ckpt_latest.pt"), atol=1e-5)
+    a = torch.load(tmp_path / "ddp" / "ckpt_latest.pt", weights_only=True)
+    b = torch.load(tmp_path / "single" / "ckpt_latest.pt", weights_only=True)
+    # Compare the gradients of the last step, which Adam with beta1 = 0 keeps as exp_avg. Parameters themselves
+    # are not a fair test: conv biases in front of a norm layer have a zero true gradient, so both runs hold
+    # float noise there and Adam turns any noise into a full lr-sized step in an arbitrary direction.
+    for opt in ("opt_G", "opt_D"):
+        assert a[opt]["state"].keys() == b[opt]["state"].keys()
+        for i in a[opt]["state"]:
+            ga, gb = a[opt]["state"][i]["exp_avg"], b[opt]["state"][i]["exp_avg"]
+            assert (ga - gb).norm() <= 1e-3 * gb.norm() + 1e-6, (opt, i, (ga - gb).norm(), gb.norm())
+    # and the parameters agree to within what those degenerate biases allow
+    assert_same_params(a["G"], b["G"], atol=1e-3)
 
 
 def expect_error(capsys, argv, *fragments):
