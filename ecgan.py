@@ -19,7 +19,22 @@ Map of this file (Fig. 1 of the paper):
     ECGANGenerator            E (GauGAN head + trunk) -> G_e, G_i, G_t -> G_s -> I''; G_l, G_c alongside
     model interface           Config, build, g_step (Eq. 10), d_step (Eqs. 8, 9 on one multi-modality D), sample
 
-`python ecgan.py` prints the parameter table; `python ecgan.py --bench` times the fast losses against the naive ones.
+Choices where the paper is silent (each is named again where it is made):
+    - I_g (Eq. 7) is an auxiliary output: Eq. 6's L1 and Eq. 5 shape the shared feature F that G_e, G_i and G_s
+      decode, but I_g itself enters no adversarial term and not I'' (Eq. 10 lists neither; G_s's input is
+      F, I', I_e', S). `class_to_gs=True` also concatenates I_g into G_s's input, for comparison.
+    - lambda_l: App. B lists five weights (c, s, l, f, p) and the text five losses (adversarial, similarity,
+      contrastive, feature matching, perceptual); Eq. 10 omits the contrastive term, so lambda_l weighs Eq. 5.
+      Eq. 6's L1 has no stated weight: lambda_l1 = 1 (LGGAN's).
+    - Eq. 3 runs at 1/sim_stride = 1/4 of the image size (Cityscapes 256x512 -> 64x128, M = 8192): M^2 at full
+      size is 1.7e10 per image. S' and S'' are area-pooled probabilities, S the nearest-downsampled one-hot.
+    - Eq. 5: temperature 0.1, projection head to 256-d, at most 1,024 anchors (100 per class) sampled across
+      the batch, dontcare pixels excluded (the pixel-contrast-for-segmentation design, REFERENCE.md).
+    - Learning rates: App. B gives Adam betas (0, 0.999) only; GauGAN's 1e-4 (G) and 4e-4 (D).
+    - Hinge losses (GauGAN) for the log terms of Eqs. 8, 9.
+
+`python ecgan.py` prints the parameter table; `python ecgan.py --bench` times the fast losses against the naive
+ones and an ECGAN step against a GauGAN step.
 """
 
 import os
@@ -241,22 +256,27 @@ def similarity_loss(pred, target, impl="chunked", chunk=1024, eps=1e-6):
     with torch.autocast(pred.device.type, enabled=False):  # 1 - eps rounds to 1 in bf16: keep float32
         dtype = torch.float32 if pred.dtype in (torch.float16, torch.bfloat16) else pred.dtype
         p = pred.reshape(B, N, -1).to(dtype)  # (B, N, M)
-        s = target.reshape(B, N, -1).to(dtype)
         M = p.shape[-1]
-        if impl == "naive":
-            return _sim_bce_sum(p, s, p, s, eps) / (B * M * M)
+        if impl == "naive":  # Eq. 3 as written
+            s = target.reshape(B, N, -1).to(dtype)
+            a = s.transpose(1, 2) @ s  # (B, M, M), A in {0, 1}
+            q = (p.transpose(1, 2) @ p).clamp(eps, 1 - eps)  # A''; <= 1 by Cauchy-Schwarz
+            return -(a * q.log() + (1 - a) * (1 - q).log()).sum() / (B * M * M)
+        # A is binary (target one-hot), so each BCE term is -log(q) or -log(1 - q): one log, and A's rows come
+        # from comparing class ids instead of a matmul
+        lab = target.reshape(B, N, -1).argmax(1)  # (B, M)
         total = p.new_zeros(())
         for r0 in range(0, M, chunk):
             rows = slice(r0, r0 + chunk)
             # checkpoint: the (B, chunk, M) tiles are recomputed in backward instead of saved
-            total = total + checkpoint(_sim_bce_sum, p[..., rows], s[..., rows], p, s, eps, use_reentrant=False)
+            total = total + checkpoint(_sim_bce_rows, p[..., rows], lab[:, rows], p, lab, eps, use_reentrant=False)
         return total / (B * M * M)
 
 
-def _sim_bce_sum(p_rows, s_rows, p, s, eps):
-    a = s_rows.transpose(1, 2) @ s  # (B, r, M) rows of A, in {0, 1}
-    q = (p_rows.transpose(1, 2) @ p).clamp(eps, 1 - eps)  # (B, r, M) rows of A''; <= 1 by Cauchy-Schwarz
-    return -(a * q.log() + (1 - a) * (1 - q).log()).sum()
+def _sim_bce_rows(p_rows, lab_rows, p, lab, eps):
+    q = (p_rows.transpose(1, 2) @ p).clamp(eps, 1 - eps)  # (B, r, M) rows of A''
+    same = lab_rows[:, :, None] == lab[:, None, :]  # (B, r, M) rows of A
+    return -torch.where(same, q, 1 - q).log().sum()
 
 
 def downsample_for_similarity(probs, onehot, stride):
@@ -555,5 +575,71 @@ def parameter_table():
         print(f"| {name} | discriminator | {count_params(D) / 1e6:.2f} |")
 
 
+def _timed(fn, reps=3):
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]  # median
+
+
+def bench(device="cpu"):
+    """Fast vs naive losses and ECGAN vs GauGAN step time; every ratio comes from this one run."""
+    import sau  # its profiler-based peak_memory measures CPU and CUDA alike
+    from data import DataInfo
+    torch.manual_seed(0)
+    # Eq. 5 at 1,024 anchors (the max_anchors default), 256-d, 20 classes; forward + backward
+    labels = torch.arange(20, device=device).repeat_interleave(52)[:1024]
+    emb = torch.randn(1024, 256, device=device, requires_grad=True)
+    run = lambda impl: pixel_contrastive_loss(emb, labels, 0.1, impl).backward()
+    t_vec = _timed(lambda: run("vectorized"))
+    t_naive = _timed(lambda: run("naive"), reps=1)
+    print(f"| contrastive Eq. 5, 1024 anchors | vectorized {t_vec * 1e3:.1f} ms | naive {t_naive:.2f} s | "
+          f"{t_naive / t_vec:.0f}x |")
+    # Eq. 3, naive vs chunked (forward + backward), N = 35 (Cityscapes), chunk 1024
+    for (B, H, W), impls in (((2, 32, 64), ("naive", "chunked")), ((2, 64, 128), ("chunked",))):
+        probs = torch.randn(B, 35, H, W, device=device).softmax(1).requires_grad_()
+        target = F.one_hot(torch.randint(0, 35, (B, H, W), device=device), 35).permute(0, 3, 1, 2).float()
+        for impl in impls:
+            fn = lambda: similarity_loss(probs, target, impl, chunk=1024).backward()
+            t = _timed(fn, reps=1)
+            mem = sau.peak_memory(fn, device)
+            print(f"| similarity Eq. 3, B={B} {H}x{W} (M={H * W}) | {impl} | {t * 1e3:.0f} ms | "
+                  f"peak {mem / 2**20:.1f} MiB |")
+    # full 256x512 (M = 131,072): two of the 128 chunks through the same checkpointed code, time extrapolated;
+    # the peak is the full run's (chunks run one after another, only a scalar is accumulated)
+    M, chunk = 256 * 512, 1024
+    p = torch.randn(1, 35, M, device=device).softmax(1).requires_grad_()
+    lab = torch.randint(0, 35, (1, M), device=device)
+    fn = lambda: sum(checkpoint(_sim_bce_rows, p[..., r:r + chunk], lab[:, r:r + chunk], p, lab, 1e-6,
+                                use_reentrant=False) for r in (0, chunk)).backward()
+    t = _timed(fn, reps=1) * (M // chunk) / 2
+    mem = sau.peak_memory(fn, device)
+    print(f"| similarity Eq. 3, B=1 256x512 (M={M}) | chunked | {t:.0f} s (extrapolated from 2/128 chunks) | "
+          f"peak {mem / 2**20:.1f} MiB (naive: {M * M * 4 / 2**30:.0f} GiB per M x M float32 map) |")
+    # one training step (g_step + backward + d_step + backward), CPU preset widths, 64x128, batch 2
+    info = DataInfo(name="synthetic", num_classes=12, dontcare=False, has_instance=True, height=64, width=128)
+    label = torch.randint(0, 12, (2, 8, 16), device=device).repeat_interleave(8, 1).repeat_interleave(8, 2)
+    import data
+    batch = data.prepare_batch({"image": torch.rand(2, 3, 64, 128, device=device) * 2 - 1, "label": label,
+                                "instance": label}, info, device, edges=True)
+    steps = {}
+    for name, module, cfg in (("gaugan", gaugan, gaugan.GauGANConfig(ngf=16, ndf=16)),
+                              ("ecgan", sys.modules[__name__], ECGANConfig(ngf=16, ndf=16, proj_dim=32))):
+        G, D = module.build(cfg, info)
+        G, D = G.to(device), D.to(device)
+
+        def step():
+            module.g_step(G, D, batch, cfg)[0].backward()
+            module.d_step(G, D, batch, cfg)[0].backward()
+        steps[name] = _timed(step)
+        print(f"| step time, ngf 16, 64x128, batch 2 | {name} | {steps[name] * 1e3:.0f} ms |")
+    print(f"| step time ratio ecgan / gaugan | {steps['ecgan'] / steps['gaugan']:.2f} |")
+
+
 if __name__ == "__main__":
     parameter_table()
+    if "--bench" in sys.argv:
+        bench()

@@ -163,10 +163,10 @@ def test_shapes_full_model():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("row", list(ecgan.TABLE3) + ["vae"])
+@pytest.mark.parametrize("row", list(ecgan.TABLE3) + ["vae", "class_to_gs"])
 def test_table3_switch_trains_one_step(row):
     torch.manual_seed(0)
-    cfg, info = tiny(**(dict(use_vae=True) if row == "vae" else ecgan.TABLE3[row]))
+    cfg, info = tiny(**ecgan.TABLE3.get(row, {row if row != "vae" else "use_vae": True}))
     G, D = ecgan.build(cfg, info)
     batch = tiny_batch(info)
     names = {n for n, _ in G.named_parameters()}
@@ -256,3 +256,23 @@ def test_eq9_real_image_weight_is_lambda_plus_one():
     # fakes: edge (1) + I' (1) + I'' (lambda); reals: edge (1) + image (1 + lambda); each hinge term = 1
     assert logs["D_fake"].item() == pytest.approx(1 + 1 + cfg.lam)
     assert logs["D_real"].item() == pytest.approx(1 + 1 + cfg.lam)
+
+
+def test_g_step_with_vgg_judges_edges_and_images():
+    import gaugan
+    torch.manual_seed(0)
+    cfg, info = tiny()
+    G, D = ecgan.build(cfg, info)
+    vgg = gaugan.VGG19Features().eval().requires_grad_(False)
+    loss, logs = ecgan.g_step(G, D, tiny_batch(info), cfg, vgg=vgg)
+    assert "G_vgg" in logs and torch.isfinite(logs["G_vgg"]) and logs["G_vgg"] > 0
+    loss.backward()
+    assert G.edge_branch.out.parametrizations.weight.original.grad.abs().sum() > 0
+
+
+def test_similarity_loss_in_bf16_autocast_stays_finite():
+    pred, target = _rand_probs_and_onehot()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = ecgan.similarity_loss(pred.bfloat16(), target)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert loss.item() == pytest.approx(ecgan.similarity_loss(pred, target).item(), rel=2e-2)
