@@ -219,6 +219,8 @@ def _contrast_naive(z, labels, t):
 
 def _contrast_vectorized(z, labels, t):
     M = len(z)
+    if M == 0:  # e.g. an all-dontcare batch: nothing sampled
+        return z.sum() * 0.0
     logits = z @ z.t() / t  # (M, M)
     # Stable: subtract each row's max (the anchor itself, 1/t); the loss is shift-invariant per row.
     logits = logits - logits.max(dim=1, keepdim=True).values.detach()

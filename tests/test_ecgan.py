@@ -15,12 +15,13 @@ LAYOUTS = {
     "singleton_class": [0, 0, 1, 2, 2, 2, 3],  # classes 1 and 3 have one sample: anchors without positives
     "one_class": [4, 4, 4, 4, 4],  # no negatives: every term is -log(1) = 0
     "all_singletons": [0, 1, 2, 3],  # no anchor has a positive: loss 0, no NaN
+    "empty": [],  # all-dontcare batch: no anchors sampled
 }
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_contrastive_naive_equals_vectorized(name):
-    labels = torch.tensor(LAYOUTS[name])
+    labels = torch.tensor(LAYOUTS[name], dtype=torch.long)
     g = torch.Generator().manual_seed(0)
     emb = torch.randn(len(labels), 5, generator=g, dtype=torch.float64)
     out = {}
@@ -32,7 +33,7 @@ def test_contrastive_naive_equals_vectorized(name):
         out[impl] = (loss.detach(), e.grad)
     torch.testing.assert_close(out["naive"][0], out["vectorized"][0])
     torch.testing.assert_close(out["naive"][1], out["vectorized"][1])
-    if name in ("one_class", "all_singletons"):
+    if name in ("one_class", "all_singletons", "empty"):
         assert out["vectorized"][0].item() == pytest.approx(0.0, abs=1e-12)
 
 
