@@ -16,7 +16,8 @@ LGGAN++ = LGGAN with every upsampling layer an SAU (sau.py, Sec. 3.2): `upsample
 
 Map of this file
     ResBlock, up_block, Encoder     building blocks; E of Sec. 3.1
-    ClassGenerator                  per-class generation (Eq. 2), `naive` loop or `vectorized` grouped conv
+    ClassGenerator                  per-class generation (Eq. 2): `naive` loop, `vectorized` grouped conv, or
+                                    `pixel` (one conv's cost whatever the number of classes; the default)
     class_ce                        classification loss with void classes filtered (Eq. 6)
     LocalGenerator, WeightMap       G_l (Eqs. 2-6) and G_w (Eq. 7)
     LGGANConfig, TASK_DEFAULTS      every hyperparameter, with the Table 9 ablation switches
@@ -54,9 +55,8 @@ Choices where the paper and the public code are silent or buggy (each is named w
 """
 
 import math
-import time
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -114,24 +114,27 @@ class Encoder(nn.Module):
 
 # ----------------------------------------------------------------------------- G_l: per-class generation
 
-IMPLS = ("naive", "vectorized")
+IMPLS = ("naive", "vectorized", "pixel")
 
 
 class ClassGenerator(nn.Module):
     """Class c's image: tanh(conv7x7_c(F * M_c)) * M_c (Eq. 2 and the per-class conv of Fig. 6).
 
-    One weight tensor (N, 3, C, 7, 7) and bias (N, 3) serve both implementations, so their state dicts are
-    interchangeable:
-      naive       one conv per dataset class in a Python loop (as the public code): cost ~ N.
+    One weight tensor (N, 3, C, 7, 7) and bias (N, 3) serve every implementation, so their state dicts are
+    interchangeable. Absent classes output exactly zero (masked output), so skipping them changes nothing:
+      naive       one conv per dataset class in a Python loop (as the public code): cost ~ N convs.
       vectorized  gathers the weights of the K classes present anywhere in the batch and runs ONE grouped conv
                   (groups=K) over the K masked copies of F: time and memory ~ K, not N (ADE20K: N=150, K~10).
-                  Absent classes output exactly zero in both (masked output), so skipping them changes nothing.
+      pixel       cost ~ ONE conv whatever N and K. Output pixel p (class k = s(p)) only sees tap q's
+                  neighbour p+q when that neighbour is also of class k (F * M_k is zero elsewhere), so map
+                  every pixel once with its own class's weights, Z(p') = W_s(p') F(p') (C -> 3*49; one matmul
+                  per present class over its pixels), then sum the 49 shifted taps where s(p+q) == s(p).
     Indexing self.weight[idx] still gives the whole Parameter a gradient (zero rows for absent classes), so
     under DDP without find_unused_parameters every parameter is reduced every step.
     Returns images (B, K, 3, H, W), idx (K,) the class ids, pooled (B, K, C) the GAP of each F_c (Eq. 6).
     """
 
-    def __init__(self, num_classes, channels, impl="vectorized"):
+    def __init__(self, num_classes, channels, impl="pixel"):
         super().__init__()
         if impl not in IMPLS:
             raise ValueError(f"lggan.py: impl={impl!r}, expected one of {IMPLS}")
@@ -154,19 +157,43 @@ class ClassGenerator(nn.Module):
                 images.append(torch.tanh(y) * m)                     # (B, 3, H, W)
             idx = torch.arange(self.num_classes, device=feat.device)
             return torch.stack(images, 1), idx, torch.stack(pooled, 1)
-        # classes present anywhere in the batch (one host sync); never empty, so the grouped conv is valid and
-        # every parameter stays in the graph even for an all-dontcare batch
+        # classes present anywhere in the batch (one host sync); never empty, so every parameter stays in the
+        # graph even for an all-dontcare batch
         idx = (masks.amax((0, 2, 3)) > 0).nonzero().squeeze(1)
         if idx.numel() == 0:
             idx = torch.zeros(1, dtype=torch.long, device=feat.device)
-        K = idx.numel()
         m = masks[:, idx]                                            # (B, K, H, W)
-        x = (feat.unsqueeze(1) * m.unsqueeze(2)).flatten(1, 2)       # Eq. 2: (B, K*C, H, W), F_c stacked
-        w = self.weight[idx].flatten(0, 1)                           # (K*3, C, 7, 7)
-        y = F.conv2d(F.pad(x, (3, 3, 3, 3), mode="reflect"), w, self.bias[idx].flatten(), groups=K)
-        images = torch.tanh(y).unflatten(1, (K, 3)) * m.unsqueeze(2)  # (B, K*3, H, W) -> (B, K, 3, H, W)
-        pooled = torch.einsum("bchw,bkhw->bkc", feat, m) / (H * W)  # GAP of F_c without the K copies
+        pooled = torch.einsum("bchw,bkhw->bkc", feat, m) / (H * W)  # GAP of F_c without K copies of F
+        if self.impl == "vectorized":
+            K = idx.numel()
+            x = (feat.unsqueeze(1) * m.unsqueeze(2)).flatten(1, 2)   # Eq. 2: (B, K*C, H, W), F_c stacked
+            w = self.weight[idx].flatten(0, 1)                       # (K*3, C, 7, 7)
+            y = F.conv2d(F.pad(x, (3, 3, 3, 3), mode="reflect"), w, self.bias[idx].flatten(), groups=K)
+            images = torch.tanh(y).unflatten(1, (K, 3)) * m.unsqueeze(2)  # (B, K*3, H, W) -> (B, K, 3, H, W)
+        else:
+            images = torch.tanh(self._pixel_conv(feat, masks, idx)).unsqueeze(1) * m.unsqueeze(2)
         return images, idx, pooled
+
+    def _pixel_conv(self, feat, masks, idx):
+        """conv7x7_s(p)(F * M_s(p))(p) at every pixel p, s(p) its class: (B, C, H, W) -> (B, 3, H, W)."""
+        B, C, H, W = feat.shape
+        N = self.num_classes
+        lab = torch.where(masks.sum(1) > 0, masks.argmax(1), N)      # (B, H, W); N: no real class (dontcare)
+        order = lab.flatten().argsort(stable=True)                   # pixels grouped by class, in idx order
+        counts = torch.bincount(lab.flatten(), minlength=N + 1)[torch.cat([idx, idx.new_tensor([N])])].tolist()
+        segs = feat.permute(0, 2, 3, 1).reshape(-1, C)[order].split(counts)     # (BHW, C) by class
+        wmat = self.weight[idx].permute(0, 1, 3, 4, 2).flatten(1, 3)            # (K, 3*49, C), rows (o, dy, dx)
+        z = torch.cat([s @ w.T for s, w in zip(segs, wmat)] + [segs[-1].new_zeros(counts[-1], 3 * 49)])
+        z = z[order.argsort()].view(B, H, W, 3 * 49).permute(0, 3, 1, 2)       # Z: (B, 3*49, H, W)
+        zp = F.pad(z, (3, 3, 3, 3), mode="reflect").unflatten(1, (3, 49))    # (B, 3, 49, H+6, W+6)
+        s = lab.to(feat.dtype)
+        sp = F.pad(s[:, None], (3, 3, 3, 3), mode="reflect")[:, 0]           # neighbours' classes, same padding
+        out = torch.cat([self.bias, self.bias.new_zeros(1, 3)])[lab].permute(0, 3, 1, 2)  # b_s(p): (B, 3, H, W)
+        for q in range(49):
+            dy, dx = divmod(q, 7)
+            same = (sp[:, dy:dy + H, dx:dx + W] == s).unsqueeze(1)          # (B, 1, H, W): s(p+q) == s(p)
+            out = out + zp[:, :, q, dy:dy + H, dx:dx + W] * same
+        return out
 
 
 def class_ce(logits, idx, present):
@@ -230,7 +257,7 @@ class LGGANConfig:
     upsample: str = "nearest"             # sau.make_upsampler name; "sau" = LGGAN++ (Sec. 3.2, Table 12)
     norm: str = "instance"                # SPADE param-free norm of the trunk (GauGAN)
     n_res: int = 9                        # residual blocks of G_l / the cross-view generator (public code)
-    impl: str = "vectorized"              # per-class generation: "naive" (public loop) | "vectorized"
+    impl: str = "pixel"                   # per-class generation: "naive" (public loop) | "vectorized" | "pixel"
     local: bool = True                    # Table 9 B2+: local class-specific generator G_l
     conv_fusion: bool = True              # Table 9 B3+: Eq. 5 conv fusion (False: Eq. 4 addition)
     cls_loss: bool = True                 # Table 9 B4+: classification-based feature learning (Eq. 6)
@@ -266,9 +293,8 @@ Config = LGGANConfig
 
 def gaugan_config(cfg):
     """The GauGANConfig of the global generator G_g."""
-    names = {f.name for f in fields(gaugan.GauGANConfig)}
-    return gaugan.GauGANConfig(**{k: getattr(cfg, k) for k in ("ngf", "ndf", "num_upsampling_layers", "upsample",
-                                                                "norm", "num_D", "n_layers_D") if k in names})
+    return gaugan.GauGANConfig(ngf=cfg.ngf, ndf=cfg.ndf, num_upsampling_layers=cfg.num_upsampling_layers,
+                               upsample=cfg.upsample, norm=cfg.norm, num_D=cfg.num_D, n_layers_D=cfg.n_layers_D)
 
 
 # ----------------------------------------------------------------------------- generators
@@ -292,7 +318,8 @@ class LGGANGenerator(nn.Module):
         Returns a dict: fake, global [, local, class_images, class_idx, cls_loss, weights (B, 2, H, W)]."""
         f4, f16 = self.encoder(input)
         gg = self.global_gen
-        x = F.interpolate(f16, size=(gg.sh, gg.sw), mode="nearest")  # (B, 16ngf, H/16, W/16) -> (sh, sw)
+        # (B, 16ngf, H/16, W/16) -> (B, 16ngf, sh, sw), nearest like GauGAN's resize of the label map
+        x = F.interpolate(f16, size=(gg.sh, gg.sw), mode="nearest")
         out = {"global": gg.to_rgb(gg.trunk(x, input))}
         if self.local_gen is None:                                   # B1
             out["fake"] = out["global"]
@@ -501,11 +528,11 @@ def label_map(B, H, W, num_classes, present, block=8, seed=0):
 
 
 def bench_classes(B=2, C=64, H=64, W=128, reps=3):
-    """Per-class generation, naive vs vectorized: forward + backward time and peak memory (sau.py's
-    profiler-based counter on CPU). Rows: (setting, naive s, vectorized s, naive bytes, vectorized bytes)."""
+    """Per-class generation, every impl: forward + backward seconds and peak bytes (sau.py's profiler-based
+    counter on CPU, the allocator's peak on CUDA). Rows: (setting, {impl: (seconds, bytes)})."""
     import sau
     rows = []
-    for name, N, K in (("cityscapes 35 classes, 20 present", 35, 20), ("ade20k 150 classes, 10 present", 150, 10)):
+    for name, N, K in (("35 classes, 20 present", 35, 20), ("150 classes, 10 present", 150, 10)):
         gen = ClassGenerator(N, C)
         feat = torch.randn(B, C, H, W, requires_grad=True)
         masks = F.one_hot(label_map(B, H, W, N, K), N).permute(0, 3, 1, 2).float()
@@ -514,7 +541,7 @@ def bench_classes(B=2, C=64, H=64, W=128, reps=3):
             gen.impl = impl
             fn = lambda: gen(feat, masks)[0].sum().backward()
             res[impl] = (sau.time_it(fn, "cpu", reps), sau.peak_memory(fn, "cpu"))
-        rows.append((name, res["naive"][0], res["vectorized"][0], res["naive"][1], res["vectorized"][1]))
+        rows.append((name, res))
     return rows
 
 
@@ -556,10 +583,11 @@ if __name__ == "__main__":
     if args.bench:
         torch.manual_seed(0)
         print("\nper-class generation, forward + backward, B=2, C=64, 64x128, CPU threads:", torch.get_num_threads())
-        print("| setting | naive s | vectorized s | time ratio | naive MB | vectorized MB | memory ratio |")
-        for name, tn, tv, mn, mv in bench_classes():
-            print(f"| {name} | {tn:.3f} | {tv:.3f} | {tn / tv:.1f}x | {mn / 2**20:.0f} | {mv / 2**20:.0f} | "
-                  f"{mn / mv:.1f}x |")
+        print("| setting | impl | seconds | peak MB | naive time / time | naive memory / memory |")
+        for name, res in bench_classes():
+            (tn, mn) = res["naive"]
+            for impl, (t, m) in res.items():
+                print(f"| {name} | {impl} | {t:.3f} | {m / 2**20:.0f} | {tn / t:.1f} | {mn / m:.1f} |")
         print("\ng_step + d_step, B=2, 64x128, 10 classes, ngf=ndf=16, n_res=3, CPU")
         print("| model | s/step | G params (M) |")
         for name, t, n in bench_steps():
