@@ -47,11 +47,16 @@ Sec. 3.3) or "deconv"; any other name (e.g. "sau" = LGGAN++) gives that upsample
 
 Choices where the paper and the public code are silent or buggy (each is named where it is made):
     - each class image is multiplied by its mask again, tanh(conv_c(F_c)) * M_c: Eq. 3 trains it to zero
-      outside M_c anyway, and it makes absent classes contribute exactly nothing, so the vectorized
-      version may skip them and still equal the naive loop;
+      outside M_c anyway, and it makes absent classes contribute exactly nothing, so the fast versions
+      may skip them and still equal the naive loop;
     - every real class (info.num_classes) gets its own branch (the public ADE20K code shares one branch for
       classes 51-150); the dontcare channel gets none;
-    - class CE is averaged over the (sample, class) pairs present, for any batch size (public: batch 1 only).
+    - class CE is averaged over the (sample, class) pairs present, for any batch size (public: batch 1 only);
+    - the task (semantic | crossview) is the dataset's DataInfo.task; TASK_DEFAULTS holds the cross-view
+      optimiser and loss weights.
+Parameters (`python lggan.py`): Cityscapes G 110.79M. The public code's 111.1M also counts GauGAN's first
+conv (36 -> 1024, 3x3: 0.33M), which it builds but never calls; E replaces it here. ADE20K G 114.64M
+(public 115.1M: the same unused conv, 1.39M, and one shared branch for classes 51-150 instead of 99 more).
 """
 
 import math
@@ -183,10 +188,11 @@ class ClassGenerator(nn.Module):
         counts = torch.bincount(lab.flatten(), minlength=N + 1)[torch.cat([idx, idx.new_tensor([N])])].tolist()
         segs = feat.permute(0, 2, 3, 1).reshape(-1, C)[order].split(counts)     # (BHW, C) by class
         wmat = self.weight[idx].permute(0, 1, 3, 4, 2).flatten(1, 3)            # (K, 3*49, C), rows (o, dy, dx)
-        z = torch.cat([s @ w.T for s, w in zip(segs, wmat)] + [segs[-1].new_zeros(counts[-1], 3 * 49)])
+        parts = [seg @ w.T for seg, w in zip(segs, wmat)]                      # (P_k, C) -> (P_k, 3*49)
+        z = torch.cat(parts + [parts[0].new_zeros(counts[-1], 3 * 49)])        # dontcare pixels: zero
         z = z[order.argsort()].view(B, H, W, 3 * 49).permute(0, 3, 1, 2)       # Z: (B, 3*49, H, W)
         zp = F.pad(z, (3, 3, 3, 3), mode="reflect").unflatten(1, (3, 49))    # (B, 3, 49, H+6, W+6)
-        s = lab.to(feat.dtype)
+        s = lab.float()                                              # exact class ids (bf16 is not, past 256)
         sp = F.pad(s[:, None], (3, 3, 3, 3), mode="reflect")[:, 0]           # neighbours' classes, same padding
         out = torch.cat([self.bias, self.bias.new_zeros(1, 3)])[lab].permute(0, 3, 1, 2)  # b_s(p): (B, 3, H, W)
         for q in range(49):
