@@ -301,6 +301,7 @@ class ECGANConfig:
     num_upsampling_layers: str = "normal"  # GauGAN: "more" on Cityscapes
     upsample: str = "nearest"             # GauGAN trunk upsampler (any sau.make_upsampler name)
     norm: str = "instance"                # SPADE's param-free norm (GauGAN)
+    spade_hidden: int = 128               # SPADE's shared conv width (GauGAN)
     n_layers: int = 3                     # n convs in G_e and G_i (App. B)
     spectral: bool = True                 # spectral norm on every new G layer (App. B)
     # Table 3 ablation switches, cumulative in the paper (see TABLE3)
@@ -357,12 +358,6 @@ TABLE3 = {  # Table 3 rows (Cityscapes ablation) as config overrides; train.py f
 }
 
 
-def gaugan_config(cfg):
-    return gaugan.GauGANConfig(ngf=cfg.ngf, ndf=cfg.ndf, num_upsampling_layers=cfg.num_upsampling_layers,
-                               upsample=cfg.upsample, norm=cfg.norm, use_vae=cfg.use_vae, z_dim=cfg.z_dim,
-                               num_D=cfg.num_D, n_layers_D=cfg.n_layers_D)
-
-
 # ----------------------------------------------------------------------------- generator
 
 class ECGANGenerator(nn.Module):
@@ -377,7 +372,7 @@ class ECGANGenerator(nn.Module):
         self.cfg = cfg
         self.label_nc, self.num_classes, self.dontcare = info.label_nc, info.num_classes, info.dontcare
         nf = cfg.ngf
-        gcfg = gaugan_config(cfg)
+        gcfg = gaugan.backbone_config(cfg)
         # E: GauGAN's head + trunk give F (B, C, H, W); its own to_rgb is not part of ECGAN
         self.encoder = gaugan.GauGANGenerator(gcfg, info.input_nc, info.height, info.width)
         self.encoder.conv_img = None

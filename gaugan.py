@@ -21,7 +21,7 @@ B1 baseline of their ablations. Map of this file:
 """
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -76,17 +76,17 @@ class SPADE(nn.Module):
 class SPADEResBlock(nn.Module):
     """SPADE -> LeakyReLU -> conv3x3, twice; shortcut SPADE -> conv1x1 (no bias) when fin != fout."""
 
-    def __init__(self, fin, fout, label_nc, norm="instance", spectral=True):
+    def __init__(self, fin, fout, label_nc, norm="instance", spectral=True, hidden=128):
         super().__init__()
         sn = spectral_norm if spectral else (lambda m: m)
         middle = min(fin, fout)
         self.learned_shortcut = fin != fout
-        self.norm_0 = SPADE(fin, label_nc, norm=norm)
+        self.norm_0 = SPADE(fin, label_nc, hidden, norm=norm)
         self.conv_0 = sn(nn.Conv2d(fin, middle, 3, padding=1))
-        self.norm_1 = SPADE(middle, label_nc, norm=norm)
+        self.norm_1 = SPADE(middle, label_nc, hidden, norm=norm)
         self.conv_1 = sn(nn.Conv2d(middle, fout, 3, padding=1))
         if self.learned_shortcut:
-            self.norm_s = SPADE(fin, label_nc, norm=norm)
+            self.norm_s = SPADE(fin, label_nc, hidden, norm=norm)
             self.conv_s = sn(nn.Conv2d(fin, fout, 1, bias=False))
 
     def forward(self, x, seg):
@@ -105,6 +105,7 @@ class GauGANConfig:
     num_upsampling_layers: str = "normal"  # "normal" (5 ups) | "more" (6 ups, Cityscapes) (public code)
     upsample: str = "nearest"             # any sau.make_upsampler name; "sau" = GauGAN+SAU (LGGAN++ Table 12)
     norm: str = "instance"                # SPADE's param-free norm: "instance" | "batch" (paper: sync batch norm)
+    spade_hidden: int = 128               # SPADE's shared conv width (public code)
     use_vae: bool = False                 # style encoder + KL for multi-modal synthesis (GauGAN Sec. 3.3)
     z_dim: int = 256                      # style vector size (public code)
     num_D: int = 2                        # discriminator scales (GauGAN Sec. 3.2, pix2pixHD)
@@ -116,6 +117,11 @@ class GauGANConfig:
     lr_d: float = 4e-4                    # TTUR: D lr (GauGAN Sec. 4)
     beta1: float = 0.0                    # Adam beta1 (GauGAN Sec. 4)
     beta2: float = 0.9                    # Adam beta2 (GauGAN Sec. 4)
+
+
+def backbone_config(cfg):
+    """The GauGANConfig inside another model's config: every field the two share, by name."""
+    return GauGANConfig(**{f.name: getattr(cfg, f.name) for f in fields(GauGANConfig) if hasattr(cfg, f.name)})
 
 
 NUM_UPSAMPLES = {"normal": 5, "more": 6}
@@ -149,7 +155,7 @@ class GauGANGenerator(nn.Module):
             self.fc = nn.Conv2d(input_nc, 16 * nf, 3, padding=1)
         else:
             self.fc = None
-        block = lambda fin, fout: SPADEResBlock(fin, fout, input_nc, norm=cfg.norm)
+        block = lambda fin, fout: SPADEResBlock(fin, fout, input_nc, norm=cfg.norm, hidden=cfg.spade_hidden)
         self.head_0 = block(16 * nf, 16 * nf)
         self.G_middle_0 = block(16 * nf, 16 * nf)
         self.G_middle_1 = block(16 * nf, 16 * nf)

@@ -90,7 +90,7 @@ class TrainConfig:
 # Narrow networks for CPU runs: a field here applies only where the model config has it and the user did not
 # set it on the command line.
 PRESETS = {
-    "cpu": dict(ngf=16, ndf=16, n_res=3, proj_dim=32, z_dim=32, enc_nf=16),
+    "cpu": dict(ngf=16, ndf=16, spade_hidden=32, n_res=3, proj_dim=32, z_dim=32, enc_nf=16),
     "paper": dict(),
 }
 
@@ -369,7 +369,7 @@ def train(tcfg: TrainConfig, mcfg):
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
 
     # ECGAN's label generator G_l is a frozen segmenter trained on real images only (never on generated ones).
-    if hasattr(mcfg, "segmenter") and not mcfg.segmenter:
+    if hasattr(mcfg, "segmenter") and not mcfg.segmenter and getattr(mcfg, "use_label_gen", True):
         mcfg.segmenter = os.path.join(out, "segmenter.pt")
         if master and not os.path.exists(mcfg.segmenter):
             import eval as evaluation
