@@ -38,6 +38,8 @@ removes everything that depends on the local branch (nothing of it is built):
     | B5  | B4 + weight map (full)      | True  |    True     |  True    |   True     |
 Without the weight map (B2-B4) the final image is the mean of the global and local results (Eq. 8 with
 W_g = W_l = 1/2): the paper does not say how B2-B4 combine them.
+Cross-view translation keeps the fixed structure of Sec. 4.1.1 (sum fusion, weight map, no class CE); the
+switches are for Table 9.
 
 Upsampling (`upsample`): the global trunk always uses sau.make_upsampler(upsample). The local and
 weight-map branches (and the cross-view decoders) use the paper's / public code's 3x3 stride-2 transposed

@@ -175,6 +175,28 @@ def test_pixel_conv_matches_per_class_conv_at_borders_and_dontcare():
         assert torch.allclose(images[:, j], want, atol=1e-12), c
 
 
+def test_masked_l1_is_the_sum_of_per_class_l1_losses():
+    """Eq. 3 closed form: sum_c nn.L1Loss(I_g * M_c, I_c) over the classes given."""
+    torch.manual_seed(0)
+    onehot = F.one_hot(labels(classes=(0, 2, 3)), 4).permute(0, 3, 1, 2).float()
+    real = torch.rand(2, 3, H, W) * 2 - 1
+    idx = torch.tensor([0, 2, 3])
+    images = torch.rand(2, 3, 3, H, W) * onehot[:, idx].unsqueeze(2)
+    want = sum(F.l1_loss(real * onehot[:, c:c + 1], images[:, j]) for j, c in enumerate(idx.tolist()))
+    assert torch.allclose(lggan.masked_l1(images, idx, onehot, real), want)
+
+
+def test_branch_upsampling_rule():
+    """'nearest' keeps the public code's transposed convs in G_l and G_w; other names put the named upsampler
+    before a 3x3 conv of the same size, so a parameter-free upsampler leaves the count unchanged."""
+    info = semantic_info()
+    nets = {u: build(lggan.Config(upsample=u, **TINY), info)[0] for u in ("nearest", "bilinear")}
+    for part in (nets["nearest"].local_gen.up, nets["nearest"].weight_map.up):
+        assert sum(isinstance(m, torch.nn.ConvTranspose2d) for m in part.modules()) == 2
+    assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in nets["bilinear"].modules())
+    assert lggan.count_params(nets["nearest"]) == lggan.count_params(nets["bilinear"])
+
+
 ABLATIONS = {  # Table 9
     "B1": dict(local=False),
     "B2": dict(conv_fusion=False, cls_loss=False, weight_map=False),
