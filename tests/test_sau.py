@@ -40,6 +40,17 @@ def test_lean_matches_vectorized_float32(k, s, window):
 
 
 @pytest.mark.parametrize("window", sau.WINDOWS)
+def test_lean_channel_chunks_match_one_chunk(window, monkeypatch):
+    # CPU lean works on channel chunks of ~_CHUNK_BYTES; force 1-channel and 2-channel chunks
+    x, kern, grad = _inputs(5, 2, torch.float64, C=5)
+    ref = _run(x, kern, grad, 2, window, "naive")
+    for chunk_bytes in (1, 2 * 2 * 3 * 5 * 8):
+        monkeypatch.setattr(sau, "_CHUNK_BYTES", chunk_bytes)
+        for a, b in zip(ref, _run(x, kern, grad, 2, window, "lean")):
+            assert (a - b).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("window", sau.WINDOWS)
 def test_lean_plain_autograd_matches_custom_backward(window):
     x, kern, grad = _inputs(5, 2, torch.float64)
     y = sau._sau_lean(x, kern, 2, 5, window, autograd_function=False)
