@@ -264,6 +264,7 @@ class LGGANConfig:
     num_upsampling_layers: str = "normal"  # GauGAN trunk: "normal" | "more" (Cityscapes, public code)
     upsample: str = "nearest"             # sau.make_upsampler name; "sau" = LGGAN++ (Sec. 3.2, Table 12)
     norm: str = "instance"                # SPADE param-free norm of the trunk (GauGAN)
+    spade_hidden: int = 128               # SPADE's shared conv width (GauGAN)
     n_res: int = 9                        # residual blocks of G_l / the cross-view generator (public code)
     impl: str = "pixel"                   # per-class generation: "naive" (public loop) | "vectorized" | "pixel"
     local: bool = True                    # Table 9 B2+: local class-specific generator G_l
@@ -299,12 +300,6 @@ TASK_DEFAULTS = {
 Config = LGGANConfig
 
 
-def gaugan_config(cfg):
-    """The GauGANConfig of the global generator G_g."""
-    return gaugan.GauGANConfig(ngf=cfg.ngf, ndf=cfg.ndf, num_upsampling_layers=cfg.num_upsampling_layers,
-                               upsample=cfg.upsample, norm=cfg.norm, num_D=cfg.num_D, n_layers_D=cfg.n_layers_D)
-
-
 # ----------------------------------------------------------------------------- generators
 
 class LGGANGenerator(nn.Module):
@@ -315,8 +310,8 @@ class LGGANGenerator(nn.Module):
         self.num_classes = info.num_classes
         self.encoder = Encoder(info.input_nc, cfg.ngf)
         # GauGAN trunk without its first conv: E's 16ngf feature replaces it (widths match at any ngf)
-        self.global_gen = gaugan.GauGANGenerator(gaugan_config(cfg), info.input_nc, info.height, info.width,
-                                                 head=False)
+        self.global_gen = gaugan.GauGANGenerator(gaugan.backbone_config(cfg), info.input_nc, info.height,
+                                                 info.width, head=False)
         self.local_gen = (LocalGenerator(info.num_classes, cfg.ngf, cfg.n_res, cfg.upsample, cfg.conv_fusion,
                                          cfg.cls_loss, cfg.impl) if cfg.local else None)
         self.weight_map = WeightMap(cfg.ngf, cfg.upsample) if cfg.local and cfg.weight_map else None

@@ -159,8 +159,12 @@ def parse_args(argv=None):
     for name, value in PRESETS[tcfg.preset].items():
         if hasattr(mcfg, name) and name not in given:
             setattr(mcfg, name, value)
-    if tcfg.task != "semantic" and hasattr(mcfg, "task"):
-        mcfg.task = tcfg.task
+    if tcfg.task not in ("semantic", "crossview"):
+        raise ConfigError(f"unknown task {tcfg.task!r}; choose semantic or crossview")
+    # a task may come with its own paper defaults (LGGAN cross-view: Adam 2e-4, betas (0.5, 0.999), ...)
+    for name, value in getattr(module, "TASK_DEFAULTS", {}).get(tcfg.task, {}).items():
+        if name not in given:
+            setattr(mcfg, name, value)
     return tcfg, mcfg
 
 
