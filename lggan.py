@@ -197,10 +197,11 @@ class ClassGenerator(nn.Module):
         s = lab.float()                                              # exact class ids (bf16 is not, past 256)
         sp = F.pad(s[:, None], (3, 3, 3, 3), mode="reflect")[:, 0]           # neighbours' classes, same padding
         out = torch.cat([self.bias, self.bias.new_zeros(1, 3)])[lab].permute(0, 3, 1, 2)  # b_s(p): (B, 3, H, W)
+        taps = zp.unbind(2)  # one unbind, not 49 selects: each select's backward writes a zp-sized zero tensor
         for q in range(49):
             dy, dx = divmod(q, 7)
             same = (sp[:, dy:dy + H, dx:dx + W] == s).unsqueeze(1)          # (B, 1, H, W): s(p+q) == s(p)
-            out = out + zp[:, :, q, dy:dy + H, dx:dx + W] * same
+            out = out + taps[q][:, :, dy:dy + H, dx:dx + W] * same
         return out
 
 
