@@ -18,6 +18,7 @@ import inspect
 import json
 import math
 import os
+import pickle
 import random
 import re
 import signal
@@ -62,6 +63,9 @@ class TrainConfig:
     model: str = "lggan"          # gaugan | lggan | ecgan
     dataset: str = "synthetic"    # synthetic (built in, no download) or a data.py loader name
     dataroot: str = ""            # root folder of a real dataset
+    label_dir: str = ""           # deepfashion / celebamask / custom: folder of label PNGs
+    image_dir: str = ""           # ... and of the matching images
+    num_classes: int = 0          # custom: number of classes
     task: str = "semantic"        # semantic | crossview (LGGAN Sec. 4.1.1)
     height: int = 64
     width: int = 128
@@ -200,6 +204,9 @@ def save_checkpoint(state, out):
     if os.path.exists(latest):
         os.replace(latest, prev)
     os.replace(tmp, latest)
+    for name in os.listdir(out):  # half-written files of a writer that was killed (another pid): never complete
+        if name.startswith("ckpt_latest.pt.tmp"):
+            os.remove(os.path.join(out, name))
 
 
 CKPT_KEYS = ("model", "model_cfg", "train_cfg", "info", "G", "D", "step")
@@ -210,7 +217,15 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, wrong format, pickled code...
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise CheckpointError(f"{path}: cannot read checkpoint, it is truncated, corrupt or not a checkpoint "
+                                  f"of this repo (UnpicklingError: {str(e).splitlines()[0][:200]})") from None
+        # weights_only refuses pickled objects: loading them could run code
+        why = next((line.strip().split(". ")[0] for line in str(e).splitlines() if "WeightsUnpickler" in line), "")
+        raise CheckpointError(f"{path}: refused, the checkpoint holds pickled Python objects that loading with "
+                              f"weights_only=True does not run ({why[:200]})") from None
+    except Exception as e:  # truncated zip, wrong format...
         raise CheckpointError(f"{path}: cannot read checkpoint, it is truncated, corrupt or not a checkpoint of "
                               f"this repo ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     missing = [k for k in CKPT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
@@ -221,16 +236,20 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
-def find_resume_checkpoint(out):
+def find_resume_checkpoint(out, say=print):
     """The newest loadable checkpoint in a run folder, falling back to the previous one."""
     errors = []
     for name in ("ckpt_latest.pt", "ckpt_prev.pt"):
         path = os.path.join(out, name)
         if os.path.exists(path):
             try:
-                return load_checkpoint(path), path
+                ckpt = load_checkpoint(path)
             except CheckpointError as e:
                 errors.append(str(e))
+                continue
+            for err in errors:  # the user should know why steps are redone
+                say(f"skipping {err}")
+            return ckpt, path
     if errors:
         raise CheckpointError("no loadable checkpoint: " + "; ".join(errors))
     return None, None
@@ -271,6 +290,11 @@ def build_from_checkpoint(ckpt, device="cpu"):
 
 def config_differences(a: dict, b: dict):
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def describe_differences(ckpt_dict: dict, now: dict):
+    return ", ".join(f"{k}: checkpoint {ckpt_dict.get(k)!r}, now {now.get(k)!r}"
+                     for k in config_differences(ckpt_dict, now))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -322,6 +346,11 @@ def make_datasets(tcfg):
     if tcfg.task == "crossview" and name == "synthetic":
         name = "synthetic_crossview"
     kw = dict(dataroot=tcfg.dataroot or None, size=(tcfg.height, tcfg.width))
+    if tcfg.label_dir or tcfg.image_dir:  # folder pairs: one folder, no validation split of its own
+        kw.update(label_dir=tcfg.label_dir or None, image_dir=tcfg.image_dir or None,
+                  num_classes=tcfg.num_classes or None)
+        train_set = data.make_dataset(name, split="train", **kw)
+        return train_set, train_set
     train_set = data.make_dataset(name, split="train", **kw)
     try:
         val_set = data.make_dataset(name, split="val", **kw)
@@ -349,17 +378,19 @@ def train(tcfg: TrainConfig, mcfg):
     out = tcfg.out or os.path.join("runs", tcfg.model)
     ckpt = None
     if tcfg.resume:
-        ckpt, path = find_resume_checkpoint(out)
+        ckpt, path = find_resume_checkpoint(out, say)
         if ckpt is None:
             say(f"--resume: no checkpoint in {out}, starting from scratch")
         else:
             say(f"resuming from {path} at step {ckpt['step']}")
             if ckpt["model"] != tcfg.model:
                 raise CheckpointError(f"{path}: checkpoint is of model {ckpt['model']!r}, not {tcfg.model!r}")
-            diff = config_differences(ckpt["model_cfg"], asdict(mcfg))
-            if diff:
-                raise CheckpointError(f"{path}: model config differs from the command line in {diff}")
-    elif os.path.isdir(out) and any(n.startswith("ckpt") for n in os.listdir(out)) and not tcfg.overwrite:
+            if config_differences(ckpt["model_cfg"], asdict(mcfg)):
+                raise CheckpointError(f"{path}: model config differs from the command line in "
+                                      f"{describe_differences(ckpt['model_cfg'], asdict(mcfg))}")
+    # config.json too: a run killed before its first checkpoint still owns its folder
+    elif (os.path.isdir(out) and any(n.startswith("ckpt") or n == "config.json" for n in os.listdir(out))
+          and not tcfg.overwrite):
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
 
     torch.manual_seed(tcfg.seed + rank)
@@ -368,6 +399,10 @@ def train(tcfg: TrainConfig, mcfg):
 
     train_set, val_set = make_datasets(tcfg)
     info = train_set.info
+    # Another dataset or size can have the same weight shapes (or not): either way it is not this run any more.
+    if ckpt is not None and config_differences(ckpt["info"], asdict(info)):
+        raise CheckpointError(f"{path}: dataset differs from the checkpoint's in "
+                              f"{describe_differences(ckpt['info'], asdict(info))}")
     module = MODELS[tcfg.model]
     if master:
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
