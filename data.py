@@ -625,7 +625,11 @@ def _label_array(im, path):
             raise DatasetError(f"{path}: label maps must hold class ids in one channel (mode L, P or I); "
                                f"got a colour {im.mode} image")
         return a[..., 0].astype(np.int64)
-    return np.asarray(im).astype(np.int64)
+    a = np.asarray(im)
+    if a.ndim != 2:  # LA, CMYK...: otherwise reported later as a confusing size mismatch
+        raise DatasetError(f"{path}: label maps must hold class ids in one channel (mode L, P or I); "
+                           f"got a {im.mode} image with {a.shape[2]} channels")
+    return a.astype(np.int64)
 
 
 def _resize_nearest(a, H, W):

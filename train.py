@@ -220,20 +220,24 @@ def load_checkpoint(path, map_location="cpu"):
     except pickle.UnpicklingError as e:
         if "Weights only load failed" not in str(e):
             raise CheckpointError(f"{path}: cannot read checkpoint, it is truncated, corrupt or not a checkpoint "
-                                  f"of this repo (UnpicklingError: {str(e).splitlines()[0][:200]})") from None
+                                  f"of this repo (UnpicklingError: {_first_line(e)})") from None
         # weights_only refuses pickled objects: loading them could run code
         why = next((line.strip().split(". ")[0] for line in str(e).splitlines() if "WeightsUnpickler" in line), "")
         raise CheckpointError(f"{path}: refused, the checkpoint holds pickled Python objects that loading with "
                               f"weights_only=True does not run ({why[:200]})") from None
     except Exception as e:  # truncated zip, wrong format...
         raise CheckpointError(f"{path}: cannot read checkpoint, it is truncated, corrupt or not a checkpoint of "
-                              f"this repo ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+                              f"this repo ({type(e).__name__}: {_first_line(e)})") from None
     missing = [k for k in CKPT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise CheckpointError(f"{path}: not a training checkpoint of this repo (missing {missing})")
     if ckpt["model"] not in MODELS:
         raise CheckpointError(f"{path}: checkpoint of model {ckpt['model']!r}, which this repo does not know")
     return ckpt
+
+
+def _first_line(e):
+    return (str(e).splitlines() or [""])[0][:200]  # an empty file raises EOFError with no message
 
 
 def find_resume_checkpoint(out, say=print):
@@ -369,7 +373,11 @@ def train(tcfg: TrainConfig, mcfg):
         if use_cuda:
             torch.cuda.set_device(device)
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+            # torchrun keeps its store across elastic restarts: without a prefix per attempt a restarted rank can
+            # read the address a dead rank published and fail to connect ("connectFullMesh ... refused").
+            store, _, _ = next(dist.rendezvous("env://"))
+            store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}/", store)
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo", store=store, rank=rank, world_size=world)
     if world > 1 and not use_cuda:  # CPU processes share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     master = rank == 0
@@ -484,7 +492,12 @@ def train(tcfg: TrainConfig, mcfg):
                 "opt_D": opt_D.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                 "step": step, "rng": rng}
 
+    saved = {"step": step if ckpt is not None else -1}
+
     def checkpoint():
+        if saved["step"] == step:  # a second save of one step would push the previous step out of ckpt_prev.pt
+            return
+        saved["step"] = step
         state = state_dict()  # collective under DDP: every rank takes part
         if master:
             save_checkpoint(state, out)
