@@ -185,24 +185,38 @@ class ClassGenerator(nn.Module):
         """conv7x7_s(p)(F * M_s(p))(p) at every pixel p, s(p) its class: (B, C, H, W) -> (B, 3, H, W)."""
         B, C, H, W = feat.shape
         N = self.num_classes
-        lab = torch.where(masks.sum(1) > 0, masks.argmax(1), N)      # (B, H, W); N: no real class (dontcare)
-        order = lab.flatten().argsort(stable=True)                   # pixels grouped by class, in idx order
-        counts = torch.bincount(lab.flatten(), minlength=N + 1)[torch.cat([idx, idx.new_tensor([N])])].tolist()
+        lab = torch.where(masks.sum(1) > 0, masks.argmax(1), N).flatten()  # (BHW,); N: no real class (dontcare)
+        order = lab.argsort(stable=True)                             # pixels grouped by class, in idx order
+        counts = torch.bincount(lab, minlength=N + 1)[torch.cat([idx, idx.new_tensor([N])])].tolist()
         segs = feat.permute(0, 2, 3, 1).reshape(-1, C)[order].split(counts)     # (BHW, C) by class
         wmat = self.weight[idx].permute(0, 1, 3, 4, 2).flatten(1, 3)            # (K, 3*49, C), rows (o, dy, dx)
         parts = [seg @ w.T for seg, w in zip(segs, wmat)]                      # (P_k, C) -> (P_k, 3*49)
-        z = torch.cat(parts + [parts[0].new_zeros(counts[-1], 3 * 49)])        # dontcare pixels: zero
-        z = z[order.argsort()].view(B, H, W, 3 * 49).permute(0, 3, 1, 2)       # Z: (B, 3*49, H, W)
-        zp = F.pad(z, (3, 3, 3, 3), mode="reflect").unflatten(1, (3, 49))    # (B, 3, 49, H+6, W+6)
-        s = lab.float()                                              # exact class ids (bf16 is not, past 256)
-        sp = F.pad(s[:, None], (3, 3, 3, 3), mode="reflect")[:, 0]           # neighbours' classes, same padding
-        out = torch.cat([self.bias, self.bias.new_zeros(1, 3)])[lab].permute(0, 3, 1, 2)  # b_s(p): (B, 3, H, W)
-        taps = zp.unbind(2)  # one unbind, not 49 selects: each select's backward writes a zp-sized zero tensor
-        for q in range(49):
-            dy, dx = divmod(q, 7)
-            same = (sp[:, dy:dy + H, dx:dx + W] == s).unsqueeze(1)          # (B, 1, H, W): s(p+q) == s(p)
-            out = out + taps[q][:, :, dy:dy + H, dx:dx + W] * same
-        return out
+        # Z in class order; dontcare pixels and one extra row are zero (the extra row: taps of another class)
+        z = torch.cat(parts + [parts[0].new_zeros(counts[-1] + 1, 3 * 49)]).view(-1, 3, 49)
+        # tap q of pixel p reads row nbr[p, q] = p + q (reflect padding, as F.pad(mode="reflect")), kept only
+        # where that neighbour has p's class: one gather, whose backward is one scatter into a Z-sized buffer
+        # (49 shifted slices of a padded Z cost a padded-Z-sized gradient each); taps summed in the bias dtype
+        nbr = _reflect_neighbours(B, H, W, 7, feat.device)           # (BHW, 49) flat pixel ids
+        same = lab[nbr] == lab[:, None]                              # (BHW, 49): s(p+q) == s(p)
+        rows = torch.where(same, order.argsort()[nbr], z.shape[0] - 1)  # row of Z in class order, or the zero row
+        out = z.gather(0, rows[:, None, :].expand(-1, 3, -1))          # (BHW, 3, 49)
+        out = out.sum(2, dtype=self.bias.dtype)                     # -> (BHW, 3)
+        out = out + torch.cat([self.bias, self.bias.new_zeros(1, 3)])[lab]  # + b_s(p)
+        return out.view(B, H, W, 3).permute(0, 3, 1, 2)              # (B, 3, H, W)
+
+
+def _reflect_neighbours(B, H, W, k, device):
+    """(B*H*W, k*k) flat index of pixel (y + dy - k//2, x + dx - k//2) of the same image, reflected at the
+    borders like F.pad(mode="reflect") (no edge repeat); taps in row-major (dy, dx) order."""
+    r = k // 2
+    if r >= H or r >= W:
+        raise ValueError(f"lggan.py: a {k}x{k} reflect-padded conv needs H, W > {r}, got {H}x{W}")
+    reflect = lambda i, n: torch.where(i < 0, -i, torch.where(i >= n, 2 * n - 2 - i, i))
+    d = torch.arange(-r, r + 1, device=device)
+    ys = reflect(torch.arange(H, device=device)[:, None] + d, H)   # (H, k)
+    xs = reflect(torch.arange(W, device=device)[:, None] + d, W)   # (W, k)
+    hw = (ys[:, None, :, None] * W + xs[None, :, None, :]).reshape(H * W, k * k)  # (HW, k*k)
+    return (torch.arange(B, device=device)[:, None, None] * (H * W) + hw).reshape(-1, k * k)
 
 
 def class_ce(logits, idx, present):
