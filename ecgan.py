@@ -321,7 +321,7 @@ class ECGANConfig:
     max_anchors: int = 1024               # anchors per batch across images (pixel contrast literature)
     max_per_class: int = 100              # per-class anchor cap, class balance (pixel contrast literature)
     contrast_impl: str = "vectorized"     # "vectorized" | "naive" (loops like Eq. 5; tests only)
-    class_impl: str = "vectorized"        # lggan.ClassGenerator: "vectorized" (present classes) | "naive" (loop)
+    class_impl: str = "pixel"             # lggan.ClassGenerator: "pixel" (one conv's cost) | "vectorized" | "naive"
     class_to_gs: bool = False             # ours: also feed I_g into G_s (default: I_g is an auxiliary output)
     # multi-modal synthesis (App. C)
     use_vae: bool = False                 # style encoder + KL: different edges and images per layout (App. C)
