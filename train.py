@@ -502,6 +502,15 @@ def train(tcfg: TrainConfig, mcfg):
         if master:
             save_checkpoint(state, out)
 
+    def update(loss, opt):
+        """Backward and step, unless the loss is non-finite on some rank; returns whether it stepped."""
+        if not all_finite(loss, world):
+            return False
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        return True
+
     def write_samples():
         G_raw.eval()
         with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -538,19 +547,11 @@ def train(tcfg: TrainConfig, mcfg):
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     loss_g, logs = module.g_step(G, D_for_g, batch, mcfg, vgg)
                 D_raw.requires_grad_(True)
-                ok_g = all_finite(loss_g, world)
-                if ok_g:
-                    opt_G.zero_grad(set_to_none=True)
-                    scaler.scale(loss_g).backward()
-                    scaler.step(opt_G)
+                ok_g = update(loss_g, opt_G)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     loss_d, logs_d = module.d_step(G, D, batch, mcfg)
                 logs.update(logs_d)
-                ok_d = all_finite(loss_d, world)
-                if ok_d:
-                    opt_D.zero_grad(set_to_none=True)
-                    scaler.scale(loss_d).backward()
-                    scaler.step(opt_D)
+                ok_d = update(loss_d, opt_D)
                 scaler.update()
                 if not (ok_g and ok_d):
                     # The non-finite part was not applied; a run of them means training has diverged.
