@@ -545,21 +545,22 @@ def label_map(B, H, W, num_classes, present, block=8, seed=0):
     return classes[cells].repeat_interleave(block, 1).repeat_interleave(block, 2)   # (B, H, W)
 
 
-def bench_classes(B=2, C=64, H=64, W=128, reps=3):
+def bench_classes(B=2, C=64, H=64, W=128, reps=3, settings=((35, 20), (150, 10)), device="cpu"):
     """Per-class generation, every impl: forward + backward seconds and peak bytes (sau.py's profiler-based
-    counter on CPU, the allocator's peak on CUDA). Rows: (setting, {impl: (seconds, bytes)})."""
+    counter on CPU, the allocator's peak on CUDA) for each (classes, present) setting.
+    Rows: (setting, {impl: (seconds, bytes)})."""
     import sau
     rows = []
-    for name, N, K in (("35 classes, 20 present", 35, 20), ("150 classes, 10 present", 150, 10)):
-        gen = ClassGenerator(N, C)
-        feat = torch.randn(B, C, H, W, requires_grad=True)
-        masks = F.one_hot(label_map(B, H, W, N, K), N).permute(0, 3, 1, 2).float()
+    for N, K in settings:
+        gen = ClassGenerator(N, C).to(device)
+        feat = torch.randn(B, C, H, W, device=device, requires_grad=True)
+        masks = F.one_hot(label_map(B, H, W, N, K), N).permute(0, 3, 1, 2).float().to(device)
         res = {}
         for impl in IMPLS:
             gen.impl = impl
             fn = lambda: gen(feat, masks)[0].sum().backward()
-            res[impl] = (sau.time_it(fn, "cpu", reps), sau.peak_memory(fn, "cpu"))
-        rows.append((name, res))
+            res[impl] = (sau.time_it(fn, device, reps), sau.peak_memory(fn, device))
+        rows.append((f"{N} classes, {K} present", res))
     return rows
 
 
