@@ -582,29 +582,50 @@ def _timed(fn, reps=3):
     return sorted(times)[len(times) // 2]  # median
 
 
+def bench_contrastive(device="cpu", anchors=1024, naive_anchors=None, dim=256, classes=20):
+    """Eq. 5 forward + backward at `anchors` anchors. The naive loop costs ~anchors^2 Python steps: with
+    naive_anchors it runs on that many (same class mix) and its time is scaled by (anchors / naive_anchors)^2.
+    Rows: (impl, seconds, extrapolated_from or None)."""
+    torch.manual_seed(0)
+    labels = torch.arange(classes, device=device).repeat_interleave(-(-anchors // classes))[:anchors]
+    emb = torch.randn(anchors, dim, device=device, requires_grad=True)
+    run = lambda impl, n: pixel_contrastive_loss(emb[:n], labels[:n] if n == anchors else
+                                                 labels[torch.linspace(0, anchors - 1, n).long()], 0.1,
+                                                 impl).backward()
+    t_vec = _timed(lambda: run("vectorized", anchors))
+    m = naive_anchors or anchors
+    t_naive = _timed(lambda: run("naive", m), reps=1) * (anchors / m) ** 2
+    return [("vectorized", t_vec, None), ("naive", t_naive, m if m != anchors else None)]
+
+
+def bench_similarity(device="cpu", sizes=(((2, 32, 64), ("naive", "chunked")), ((2, 64, 128), ("chunked",))),
+                     N=35, chunk=1024):
+    """Eq. 3 forward + backward, naive vs chunked. Rows: ((B, H, W), impl, seconds, peak bytes)."""
+    import sau  # its profiler-based peak_memory measures CPU and CUDA alike
+    torch.manual_seed(0)
+    rows = []
+    for (B, H, W), impls in sizes:
+        probs = torch.randn(B, N, H, W, device=device).softmax(1).requires_grad_()
+        target = F.one_hot(torch.randint(0, N, (B, H, W), device=device), N).permute(0, 3, 1, 2).float()
+        for impl in impls:
+            fn = lambda: similarity_loss(probs, target, impl, chunk=chunk).backward()
+            rows.append(((B, H, W), impl, _timed(fn, reps=1), sau.peak_memory(fn, device)))
+    return rows
+
+
 def bench(device="cpu"):
     """Fast vs naive losses and ECGAN vs GauGAN step time; every ratio comes from this one run."""
     import sau  # its profiler-based peak_memory measures CPU and CUDA alike
     from data import DataInfo
     torch.manual_seed(0)
     # Eq. 5 at 1,024 anchors (the max_anchors default), 256-d, 20 classes; forward + backward
-    labels = torch.arange(20, device=device).repeat_interleave(52)[:1024]
-    emb = torch.randn(1024, 256, device=device, requires_grad=True)
-    run = lambda impl: pixel_contrastive_loss(emb, labels, 0.1, impl).backward()
-    t_vec = _timed(lambda: run("vectorized"))
-    t_naive = _timed(lambda: run("naive"), reps=1)
+    (_, t_vec, _), (_, t_naive, _) = bench_contrastive(device)
     print(f"| contrastive Eq. 5, 1024 anchors | vectorized {t_vec * 1e3:.1f} ms | naive {t_naive:.2f} s | "
           f"{t_naive / t_vec:.0f}x |")
     # Eq. 3, naive vs chunked (forward + backward), N = 35 (Cityscapes), chunk 1024
-    for (B, H, W), impls in (((2, 32, 64), ("naive", "chunked")), ((2, 64, 128), ("chunked",))):
-        probs = torch.randn(B, 35, H, W, device=device).softmax(1).requires_grad_()
-        target = F.one_hot(torch.randint(0, 35, (B, H, W), device=device), 35).permute(0, 3, 1, 2).float()
-        for impl in impls:
-            fn = lambda: similarity_loss(probs, target, impl, chunk=1024).backward()
-            t = _timed(fn, reps=1)
-            mem = sau.peak_memory(fn, device)
-            print(f"| similarity Eq. 3, B={B} {H}x{W} (M={H * W}) | {impl} | {t * 1e3:.0f} ms | "
-                  f"peak {mem / 2**20:.1f} MiB |")
+    for (B, H, W), impl, t, mem in bench_similarity(device):
+        print(f"| similarity Eq. 3, B={B} {H}x{W} (M={H * W}) | {impl} | {t * 1e3:.0f} ms | "
+              f"peak {mem / 2**20:.1f} MiB |")
     # full 256x512 (M = 131,072): two of the 128 chunks through the same checkpointed code, time extrapolated;
     # the peak is the full run's (chunks run one after another, only a scalar is accumulated)
     M, chunk = 256 * 512, 1024
