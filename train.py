@@ -447,7 +447,6 @@ def train(tcfg: TrainConfig, mcfg):
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         step = ckpt["step"]
-        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
 
     G_raw, D_raw = G, D  # unwrapped references: checkpoints carry no module./_orig_mod. prefixes
     if tcfg.compile:
@@ -475,6 +474,9 @@ def train(tcfg: TrainConfig, mcfg):
     if per_epoch == 0:
         raise ConfigError(f"dataset has {len(train_set)} samples, fewer than one batch of {tcfg.batch_size} "
                           f"per process")
+
+    if ckpt is not None:  # only now: building the fixed batch above draws from the random stream
+        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
 
     stop = {"signal": None}
 
@@ -535,7 +537,10 @@ def train(tcfg: TrainConfig, mcfg):
             indices = list(sampler)[offset * tcfg.batch_size:]  # skip what this epoch already consumed
             loader = DataLoader(train_set, batch_size=tcfg.batch_size, sampler=indices, drop_last=True,
                                 num_workers=tcfg.workers, persistent_workers=False,
-                                pin_memory=use_cuda)
+                                pin_memory=use_cuda,
+                                # its own generator: a worker seed drawn from the global stream at every new
+                                # loader would shift that stream on resume (mid-epoch) against a straight run
+                                generator=torch.Generator().manual_seed((tcfg.seed * 1000 + rank) * 1000 + epoch))
             for batch in loader:
                 batch = data.prepare_batch(batch, info, device, edges=tcfg.model == "ecgan")
                 for opt in (opt_G, opt_D):

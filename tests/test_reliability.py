@@ -22,7 +22,8 @@ from data import DatasetError, make_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "gaugan", "--height", "32", "--width", "64", "--ngf", "4", "--ndf", "4", "--n_layers_D", "2",
-        "--workers", "0", "--progress", "false", "--num_samples", "2", "--batch_size", "2"]
+        "--workers", "0", "--progress", "false", "--num_samples", "2", "--batch_size", "2",
+        "--use_vae", "true"]  # the VAE draws noise every step: a resume that lost the random state would show
 N = 6  # steps of every run here
 gaugan = train.MODELS["gaugan"]
 
@@ -219,7 +220,7 @@ def test_truncated_latest_names_the_file_and_resume_falls_back_to_prev(tmp_path,
     capsys.readouterr()
     run(tmp_path, "--ckpt_every", "1", "--resume")
     printed = capsys.readouterr().out
-    assert "ckpt_latest.pt" in printed and "truncated" in printed  # the user hears why step 2 is redone
+    assert f"{latest}: cannot read checkpoint, it is truncated" in printed  # the user hears why step 2 is redone
     assert f"resuming from {prev} at step 1" in printed
     assert_same_nets(ckpt_of(tmp_path), straight)
     # both copies broken: the error names both files
@@ -497,7 +498,7 @@ def test_checkpoint_of_another_model_or_config_is_refused_saying_what_differs(tm
         return err
 
     base = TINY + ["--out", str(tmp_path), "--steps", str(N), "--resume"]
-    err = refused(*base[2:], "--model", "lggan")
+    err = refused(*[a for a in base[2:] if a not in ("--use_vae", "true")], "--model", "lggan")
     assert "ckpt_latest.pt" in err and "'gaugan', not 'lggan'" in err
     err = refused(*base, "--ngf", "8")
     assert "ngf" in err and "4" in err and "8" in err
