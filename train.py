@@ -617,7 +617,10 @@ def main(argv=None):
         tcfg, mcfg = parse_args(argv)
         train(tcfg, mcfg)
     except (ConfigError, CheckpointError, data.DatasetError, FloatingPointError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
+        msg = str(e).strip()
+        if msg.startswith("Caught "):  # re-raised from a DataLoader worker: the error itself is the last line
+            msg = msg.splitlines()[-1].split(": ", 1)[-1]
+        print(f"train.py: error: {msg}", file=sys.stderr)
         sys.exit(2)
     finally:
         if dist.is_initialized():
