@@ -464,7 +464,12 @@ def main():
     ap.add_argument("--size", type=int, nargs=4, metavar=("B", "C", "H", "W"), default=None)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip", nargs="*", default=(), help="zoo members to leave out")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads; on a shared machine use 1: the lean path's many small ops stall "
+                         "on oversubscribed threads (2 threads beside 2 busy processes: lean 5-10x slower)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     B, C, H, W = args.size or ((2, 64, 32, 64) if args.quick else (4, 256, 64, 128))
     print(f"SAU benchmark: B={B}, C={C}, {H}x{W} -> {2 * H}x{2 * W}, k=5, s=2, fp32, device={args.device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
