@@ -278,6 +278,7 @@ class LGGANConfig:
     ndf: int = 64                         # discriminator width (public code, pix2pix)
     num_upsampling_layers: str = "normal"  # GauGAN trunk: "normal" | "more" (Cityscapes, public code)
     upsample: str = "nearest"             # sau.make_upsampler name; "sau" = LGGAN++ (Sec. 3.2, Table 12)
+    upsample_low_res: bool = False        # GauGAN trunk: also its low-resolution upsamplers (gaugan.py)
     norm: str = "instance"                # SPADE param-free norm of the trunk (GauGAN)
     spade_hidden: int = 128               # SPADE's shared conv width (GauGAN)
     n_res: int = 9                        # residual blocks of G_l / the cross-view generator (public code)

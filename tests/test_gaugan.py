@@ -272,3 +272,12 @@ def test_cityscapes_generator_size():
     assert (G.sh, G.sw) == (4, 8)
     assert all(p.is_meta for p in G.parameters())
     assert abs(n / 93.0e6 - 1) < 0.01, n
+
+
+@pytest.mark.parametrize("name,paper", [("deconv", 98.6), ("pixelshuffle", 143.2), ("attention", 97.4),
+                                        ("sau", 93.4), ("bilinear", 93.0)])
+def test_table12_parameter_counts(name, paper):
+    """LGGAN++ Table 12: GauGAN on Cityscapes with the four decoder upsamplers replaced, to 0.1M."""
+    cfg = GauGANConfig(num_upsampling_layers="more", upsample=name)
+    n = gaugan.count_generator(cfg, 35 + 1, 256, 512)
+    assert abs(n / 1e6 - paper) < 0.1, (name, n)
