@@ -562,7 +562,7 @@ def train(tcfg: TrainConfig, mcfg):
                     # The non-finite part was not applied; a run of them means training has diverged.
                     bad_in_a_row += 1
                     skipped += 1
-                    say(f"\nstep {step}: non-finite loss (G {float(loss_g):.4g}, D {float(loss_d):.4g}), "
+                    say(f"\nstep {step}: non-finite loss (G {loss_g.item():.4g}, D {loss_d.item():.4g}), "
                         f"update skipped ({bad_in_a_row} in a row)")
                     if bad_in_a_row >= tcfg.max_bad_steps:
                         checkpoint()
