@@ -71,15 +71,17 @@ def model_configs(preset, num_upsampling_layers="normal"):
     return out
 
 
-def build(module, cfg, info, device, channels_last=False, compile=False):
+def build(module, cfg, info, device, channels_last=False, compile=""):
     torch.manual_seed(0)
     G, D = module.build(cfg, info)
     G.to(device).train(), D.to(device).train()
-    if channels_last:
-        G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+    if channels_last:  # 4-D weights only (Module.to(memory_format=...) refuses ClassGenerator's 5-D weight)
+        for t in [*G.parameters(), *D.parameters()]:
+            if t.dim() == 4:
+                t.data = t.data.contiguous(memory_format=torch.channels_last)
     opt_G = torch.optim.Adam([p for p in G.parameters() if p.requires_grad], lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
     opt_D = torch.optim.Adam(D.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
-    G_run, D_run = (torch.compile(G), torch.compile(D)) if compile else (G, D)
+    G_run, D_run = (torch.compile(G, backend=compile), torch.compile(D, backend=compile)) if compile else (G, D)
     return G, D, G_run, D_run, opt_G, opt_D
 
 
@@ -227,7 +229,8 @@ def main(argv=None):
     ap.add_argument("--ups", default="normal", choices=("normal", "more"), help="GauGAN num_upsampling_layers")
     ap.add_argument("--amp", default="none", choices=("none", "bf16"), help="autocast dtype of the model steps")
     ap.add_argument("--channels_last", action="store_true", help="models and batch in channels_last")
-    ap.add_argument("--compile", action="store_true", help="torch.compile G and D (model steps only)")
+    ap.add_argument("--compile", nargs="?", const="inductor", default="",
+                    help="torch.compile G and D (model steps only); optional backend, default inductor")
     ap.add_argument("--reps", type=int, default=3, help="timed runs per measurement (median)")
     ap.add_argument("--sau_size", type=int, nargs=4, metavar=("B", "C", "H", "W"), default=None,
                     help="SAU layer input (default 4 32 32 64; on CUDA 4 256 64 128, sau.py's size; quick 2 8 16 32)")
@@ -256,7 +259,7 @@ def main(argv=None):
              f"{torch.get_num_threads()} threads)")
     lines = [f"# bench.py: {where}, torch {torch.__version__}, {load()} at start",
              f"models: preset {args.preset}, {args.size[0]}x{args.size[1]}, batch {args.batch}, ups {args.ups}, "
-             f"amp {args.amp}, channels_last {args.channels_last}, compile {args.compile}; "
+             f"amp {args.amp}, channels_last {args.channels_last}, compile {args.compile or 'off'}; "
              f"median of {args.reps} after a warm-up", ""]
 
     def emit(*new):
