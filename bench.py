@@ -1,5 +1,5 @@
 """
-One benchmark for the repo (issue 10): step time and peak memory of GauGAN, LGGAN, LGGAN++ and ECGAN, and the
+One benchmark for the repo: step time and peak memory of GauGAN, LGGAN, LGGAN++ and ECGAN, and the
 fast-vs-naive component pairs, all measured in one run on the machine it runs on.
 
     python bench.py                                   # CPU size: train.py's cpu preset, 64x128, batch 4
@@ -39,7 +39,7 @@ import sau
 import train
 
 MODELS = ("gaugan", "lggan", "lggan++ (sau)", "ecgan")
-TARGETS = {"lggan++ (sau)": 2.0, "ecgan": 2.5}  # issue 10: step time ratio to GauGAN at the same size
+TARGETS = {"lggan++ (sau)": 2.0, "ecgan": 2.5}  # step-time ratio targets to GauGAN at the same size
 
 
 def load():
@@ -180,7 +180,7 @@ def component_rows(args):
     near = next(t for name, t, _, _ in sau_rows if name == "zoo nearest")
     lean = next(t for name, t, _, _ in sau_rows if name == "sau_upsample lean, expanded")
     for name, t, m, _ in sau_rows:
-        note = f"x nearest {t / near:.1f}" + (" (issue target on GPU: lean <= 2x nearest)" if t is lean else "")
+        note = f"x nearest {t / near:.1f}" + (" (target on GPU: lean <= 2x nearest)" if t is lean else "")
         rows.append(f"| SAU layer B={B} C={C} {H}x{W}->{2 * H}x{2 * W} | {name} | {t * 1e3:.1f} | "
                     f"{m / 2**20:.1f} | {t / lean:.2f} | {note} |")
     # per-class generation (Eq. 2), naive loop vs grouped conv vs pixel, ~10 classes present
