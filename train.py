@@ -518,7 +518,7 @@ def train(tcfg: TrainConfig, mcfg):
         with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             cols = module.sample(G_raw, fixed)
         G_raw.train()
-        columns = [data.colorize(fixed["label"], info.label_nc)] + [c.float() for c in cols.values()] + \
+        columns = [data.colorize(fixed["label"], info.num_classes)] + [c.float() for c in cols.values()] + \
                   [fixed["image"]]
         data.save_grid(columns, os.path.join(out, "samples", f"step_{step:06d}.png"),
                        titles=["label", *cols.keys(), "real"])
