@@ -89,11 +89,13 @@ class ResBlock(nn.Module):
 
 def up_block(cin, cout, upsample):
     """x2 upsampling cin -> cout, then IN and ReLU: (B, cin, H, W) -> (B, cout, 2H, 2W).
-    "nearest"/"deconv": the public code's 3x3 stride-2 transposed conv; else the named upsampler + 3x3 conv."""
+    "nearest"/"deconv": the public code's 3x3 stride-2 transposed conv; else a 3x3 conv, then the named
+    upsampler on its cout channels (conv first: it runs on a quarter of the pixels, and the upsampler on the
+    narrower tensor; a transposed conv likewise changes channels as it upsamples)."""
     if upsample in ("nearest", "deconv"):
         layers = [nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1)]
     else:
-        layers = [gaugan.make_upsampler(upsample, cin, scale=2), nn.Conv2d(cin, cout, 3, padding=1)]
+        layers = [nn.Conv2d(cin, cout, 3, padding=1), gaugan.make_upsampler(upsample, cout, scale=2)]
     return nn.Sequential(*layers, nn.InstanceNorm2d(cout), nn.ReLU())
 
 

@@ -250,7 +250,9 @@ class SAU(nn.Module):
     def __init__(self, channels, scale=2, k=5, compressed=64, window="expanded", impl="lean"):
         super().__init__()
         self.scale, self.k, self.window, self.impl = scale, k, window, impl
-        # feature channel compression: 1x1, C -> C' (Sec. 3.2.1, C' = 64)
+        # feature channel compression: 1x1, C -> C' (Sec. 3.2.1, C' = 64). It never expands: a narrow layer
+        # (C < 64, e.g. train.py's cpu preset) keeps C' = C; at the papers' widths (C >= 128) C' = 64.
+        compressed = min(compressed, channels)
         self.compress = nn.Conv2d(channels, compressed, 1)
         # semantic kernel generation, C' -> k^2 s^2. The paper does not give its size. 3x3 (CARAFE's
         # encoder) over 1x1 (the third-party port) because 3x3 reproduces Table 12: GauGAN on
