@@ -17,6 +17,9 @@ extends the CVPR 2020 LGGAN paper), all in one file:
   evaluate/main  `python eval.py --ckpt RUN/ckpt_latest.pt [--inception PATH_OR_URL]` -> <RUN>/eval/{fake,real}/*.png,
                  grid.png, a printed table and metrics.json (each number with its protocol);
                  `python eval.py --train-segmenter --dataset NAME --out RUN` trains and caches the built-in segmenter.
+  figures        `python eval.py --figures --ckpt RUN/ckpt_latest.pt` -> RUN/figures/*.png: LGGAN Fig. 12 (class-specific
+                 feature maps), Fig. 13 / ECGAN Fig. 7 (the segmenter on generated images), ECGAN Fig. 6 (edges and
+                 attention maps), SAU Fig. 5 (learned kernels at chosen locations), whichever the model has.
 
 train, lggan and ecgan are imported inside functions only: ecgan.py imports this file for the segmenter.
 """
@@ -605,6 +608,32 @@ def _finite(x):
     return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
+def find_segmenter(segmenter, folders, name, info, dataroot, seg_steps, batch_size, device, notes, progress=True):
+    """(segmenter, description): the user's file if given, else the built-in one cached in the first of `folders`
+    that has it, else a new built-in one trained for seg_steps on real training images and cached in folders[0];
+    (None, None) when there is none and seg_steps is 0."""
+    import data
+    if segmenter:
+        return load_segmenter(segmenter, info, device), f"user segmenter {segmenter}"
+    # Not <run>/segmenter.pt: that is ECGAN's G_l, which the similarity loss (Eq. 3) trained G to agree
+    # with; measuring with it would flatter ECGAN. Ours is trained separately (and with another seed).
+    for cand in (_segmenter_cache_path(f, name, info) for f in folders):
+        if cand.is_file():
+            try:
+                return load_segmenter(cand, info, device), f"built-in segmenter {cand}"
+            except EvalError as e:
+                notes.append(f"ignored cached segmenter: {e}")
+    if seg_steps <= 0:
+        return None, None
+    cache = _segmenter_cache_path(folders[0], name, info)
+    print(f"no segmenter given: training the built-in one on real {name} training images "
+          f"({seg_steps} steps), cached at {cache}")
+    train_set = data.make_dataset(name, dataroot=dataroot or None, split="train", size=(info.height, info.width))
+    seg = train_segmenter(train_set, info, steps=seg_steps, batch_size=batch_size, device=device,
+                          out_path=cache, progress=progress, seed=1)
+    return seg, f"built-in segmenter {cache} ({seg_steps} steps)"
+
+
 def evaluate(ckpt_path, dataset=None, dataroot=None, out=None, num=None, batch_size=8, device="auto",
              inception=None, segmenter=None, classifier=None, seg_steps=2000, ignore=None, grid_rows=8,
              save_images=True, progress=True):
@@ -639,31 +668,10 @@ def evaluate(ckpt_path, dataset=None, dataroot=None, out=None, num=None, batch_s
     notes = []
 
     # --- the measuring networks
-    seg, seg_desc = None, None
-    if segmenter:
-        seg, seg_desc = load_segmenter(segmenter, info, device), f"user segmenter {segmenter}"
-    else:
-        # Not <run>/segmenter.pt: that is ECGAN's G_l, which the similarity loss (Eq. 3) trained G to agree
-        # with; measuring with it would flatter ECGAN. Ours is trained separately (and with another seed).
-        for cand in (_segmenter_cache_path(out, name, info), _segmenter_cache_path(Path(ckpt_path).parent, name, info)):
-            if cand.is_file():
-                try:
-                    seg = load_segmenter(cand, info, device)
-                    seg_desc = f"built-in segmenter {cand}"
-                    break
-                except EvalError as e:
-                    notes.append(f"ignored cached segmenter: {e}")
-        if seg is None and seg_steps > 0:
-            cache = _segmenter_cache_path(out, name, info)
-            print(f"no segmenter given: training the built-in one on real {name} training images "
-                  f"({seg_steps} steps), cached at {cache}")
-            train_set = data.make_dataset(name, dataroot=dataroot or tcfg.get("dataroot") or None, split="train",
-                                          size=(info.height, info.width))
-            seg = train_segmenter(train_set, info, steps=seg_steps, batch_size=batch_size, device=device,
-                                  out_path=cache, progress=progress, seed=1)
-            seg_desc = f"built-in segmenter {cache} ({seg_steps} steps)"
-        elif seg is None:
-            notes.append("mIoU / accuracy skipped: no segmenter (--segmenter PATH or --seg-steps > 0)")
+    seg, seg_desc = find_segmenter(segmenter, [out, Path(ckpt_path).parent], name, info,
+                                   dataroot or tcfg.get("dataroot"), seg_steps, batch_size, device, notes, progress)
+    if seg is None:
+        notes.append("mIoU / accuracy skipped: no segmenter (--segmenter PATH or --seg-steps > 0)")
     ignore = sorted(set(default_ignore(info) if ignore is None else ignore))
 
     if inception:
@@ -800,6 +808,272 @@ def print_table(results):
     print(f"wrote {results['images']['grid']} and metrics.json beside it")
 
 
+# -----------------------------------------------------------------------------------------------------------------
+# The papers' explanatory figures from a checkpoint: `python eval.py --figures --ckpt RUN/ckpt_latest.pt`
+#   LGGAN Fig. 12  class-specific feature maps F_c = f' * M_c and per-class images of the local generator G_l
+#   LGGAN Fig. 13  semantic maps of generated images (the segmenter on them), ECGAN Fig. 7 the same with I' and I''
+#   ECGAN Fig. 6   generated edge maps I_e' and attention maps sigmoid(I_e') (Eq. 1)
+#   SAU Fig. 5     learned SAU kernels (k x k) at chosen locations, beside the label window they weigh
+
+def _seg_columns(seg, images, num_classes):
+    import data
+    return data.colorize(segment(seg, images.float().clamp(-1, 1)), num_classes)
+
+
+def _pick_classes(label, info, n=3, prefer=("road", "tree", "car")):
+    """Fig. 12 shows road, vegetation and cars; take those where present, then the largest other classes."""
+    area = torch.bincount(label.flatten().cpu(), minlength=info.label_nc)[:info.num_classes]
+    names = list(info.class_names) or [str(c) for c in range(info.num_classes)]
+    chosen = [names.index(p) for p in prefer if p in names and area[names.index(p)] > 0][:n]
+    for c in area.argsort(descending=True).tolist():
+        if len(chosen) < n and area[c] > 0 and c not in chosen:
+            chosen.append(c)
+    return chosen, names
+
+
+def _channel_image(x, m):
+    """Feature channel (B, H, W) inside masks m (B, 1, H, W) -> (B, 1, H, W) in [-1, 1]: min to 99th percentile of
+    the values inside the masks of the whole batch (rows stay comparable); white outside the masks."""
+    inside = x[m[:, 0] > 0]
+    if inside.numel() == 0:
+        return torch.ones_like(m)
+    lo, hi = inside.min(), torch.quantile(inside.float()[:100000], 0.99)
+    v = ((x - lo) / (hi - lo).clamp_min(1e-8)).clamp(0, 1) * 2 - 1
+    return torch.where(m > 0, v.unsqueeze(1), torch.ones_like(m))
+
+
+def figure_lggan_class_features(G, b, info, path, n_channels=2):
+    """Fig. 12: per chosen class c, the local generator's class image I_c and the n_channels channels of
+    F_c = f' * M_c (Eq. 2) with the largest mean activation inside M_c; white outside M_c."""
+    import data
+    g = getattr(G, "module", G)
+    feats = {}
+    hook = g.local_gen.up.register_forward_hook(lambda m, i, o: feats.__setitem__("f", o))
+    try:
+        out = G(b["input"], b["onehot"])
+    finally:
+        hook.remove()
+    f = feats["f"].float()                                        # f': (B, ngf, H, W)
+    classes, names = _pick_classes(b["label"], info)
+    idx = out["class_idx"].tolist()
+    cols, titles = [data.colorize(b["label"], info.label_nc), out["local"], out["fake"]], ["label", "local", "fake"]
+    for c in classes:
+        m = b["onehot"][:, c:c + 1].float()                       # M_c: (B, 1, H, W)
+        fc = f * m                                                # Eq. 2
+        img = out["class_images"][:, idx.index(c)] if c in idx else torch.zeros_like(out["fake"])
+        cols.append(torch.where(m > 0, img, torch.ones_like(img)))  # I_c, white outside M_c
+        titles.append(f"I_{names[c]}")
+        act = fc.sum((0, 2, 3)) / m.sum().clamp_min(1)
+        for ch in act.argsort(descending=True)[:n_channels].tolist():
+            cols.append(_channel_image(fc[:, ch], m))
+            titles.append(f"F_{names[c]} ch{ch}")
+    data.save_grid(cols, path, titles=titles)
+    return path
+
+
+def figure_semantic_maps(G, module, model_name, b, info, seg, path):
+    """LGGAN Fig. 13 / ECGAN Fig. 7: label | generated | segmenter on generated | real | segmenter on real.
+    ECGAN shows both I' ('Ours I') and I'' ('Ours II')."""
+    import data
+    cols = module.sample(G, b)
+    out = [data.colorize(b["label"], info.label_nc)]
+    titles = ["label"]
+    shown = [("intermediate", "I'"), ("fake", "I''")] if model_name == "ecgan" and "intermediate" in cols else \
+        [("fake", "fake")]
+    for key, name in shown:
+        out += [cols[key].float().clamp(-1, 1), _seg_columns(seg, cols[key], info.num_classes)]
+        titles += [name, f"seg({name})"]
+    out += [b["image"], _seg_columns(seg, b["image"], info.num_classes)]
+    titles += ["real", "seg(real)"]
+    data.save_grid(out, path, titles=titles)
+    return path
+
+
+def figure_ecgan_edges(G, module, b, info, path):
+    """ECGAN Fig. 6: label | generated edge map I_e' | attention sigmoid(I_e') | fake | Canny edges of the real."""
+    import data
+    cols = module.sample(G, b)
+    real_edge = b["edge"] * 2 - 1 if "edge" in b else data.canny(b["image"]) * 2 - 1
+    data.save_grid([data.colorize(b["label"], info.label_nc), cols["edge"], cols["attention"], cols["fake"],
+                    real_edge, b["image"]], path,
+                   titles=["label", "edge I_e'", "attention", "fake", "real edges", "real"])
+    return path
+
+
+def _pick_locations(lab, k, s, n=3, seed=0):
+    """n output pixels (y, x) on class boundaries (where a kernel can show that it follows semantics, Fig. 5),
+    at least k*s from the borders so the whole window lies inside the map; random interior ones if too few."""
+    H, W = lab.shape
+    edge = torch.zeros_like(lab, dtype=torch.bool)
+    edge[:, 1:] |= lab[:, 1:] != lab[:, :-1]
+    edge[1:, :] |= lab[1:, :] != lab[:-1, :]
+    margin = k * s
+    inside = torch.zeros_like(edge)
+    inside[margin:H - margin, margin:W - margin] = True
+    cand = (edge & inside).nonzero()
+    if len(cand) < n:
+        cand = inside.nonzero()
+    gen = torch.Generator().manual_seed(seed)
+    picks = []
+    for i in torch.randperm(len(cand), generator=gen).tolist():  # spread out: at least W/8 apart
+        y, x = cand[i].tolist()
+        if all(abs(y - py) + abs(x - px) > W // 8 for py, px in picks):
+            picks.append((y, x))
+        if len(picks) == n:
+            break
+    return picks
+
+
+def _label_window(lab_in, y, x, k, s, window):
+    """Class ids (k, k) of the taps the kernel at output pixel (y, x) weighs (sau.py's two window rules);
+    -1 outside the map (zero padding)."""
+    r = k // 2
+    d = torch.arange(-r, r + 1)
+    if window == "expanded":  # block of the nearest-expanded map around (y, x)
+        ys, xs = torch.div(y + d, s, rounding_mode="floor"), torch.div(x + d, s, rounding_mode="floor")
+        ys = torch.where((y + d >= 0) & (y + d < lab_in.shape[0] * s), ys, -1)
+        xs = torch.where((x + d >= 0) & (x + d < lab_in.shape[1] * s), xs, -1)
+    else:                     # block of the input around floor((y, x) / s)
+        ys, xs = y // s + d, x // s + d
+    ok = (ys[:, None] >= 0) & (ys[:, None] < lab_in.shape[0]) & (xs[None] >= 0) & (xs[None] < lab_in.shape[1])
+    out = lab_in[ys.clamp(0, lab_in.shape[0] - 1)][:, xs.clamp(0, lab_in.shape[1] - 1)]
+    return torch.where(ok, out, -1)
+
+
+def figure_sau_kernels(G, module, b, info, path, rows=2, cell=12):
+    """SAU Fig. 5: per sample, the generated image and the label with three locations marked, then per location
+    the learned k x k kernel (brightness = weight, normalised to its maximum) beside the label window it weighs.
+    The title of each kernel gives its mass on taps of the location's own class against that class's share of
+    the window (a kernel that follows semantics puts more mass there than the share)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+    import data
+    import sau
+    g = getattr(G, "module", G)
+    saus = [m for m in g.modules() if isinstance(m, sau.SAU)]
+    if not saus:
+        return None
+    inputs = {}
+    hooks = [m.register_forward_hook(lambda m, i, o: inputs.__setitem__(m, (i[0], o.shape[-2:]))) for m in saus]
+    try:
+        fake = module.sample(G, b)["fake"].float().clamp(-1, 1)
+    finally:
+        for h in hooks:
+            h.remove()
+    # the SAU with the finest output (ties: the first in module order, the global generator's trunk)
+    layer = max(saus, key=lambda m: (inputs[m][1][0] * inputs[m][1][1], -saus.index(m)))
+    name = next(n for n, m in g.named_modules() if m is layer)
+    x_in, (oh, ow) = inputs[layer]
+    with torch.no_grad():
+        kern = layer.kernels(x_in).float().cpu()                 # (B, k*k, sH, sW)
+    k, s = layer.k, layer.scale
+    H, W = info.height, info.width
+    lab = b["label"].cpu()
+    lab_out = F.interpolate(lab[:, None].float(), size=(oh, ow), mode="nearest")[:, 0].long()
+    lab_in = F.interpolate(lab[:, None].float(), size=x_in.shape[-2:], mode="nearest")[:, 0].long()
+    to_np = lambda t: ((t.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    pal = ((data.colorize(torch.arange(info.label_nc)[None, None], info.label_nc)[0, :, 0].T + 1) * 127.5).round()
+    colours = [(255, 0, 0), (0, 200, 255), (255, 220, 0)]
+    ksz = k * cell
+    pad, top = 4, 14
+    rows = min(rows, fake.shape[0])
+    width = 2 * (W + pad) + 3 * (2 * ksz + 3 * pad) + pad
+    canvas = Image.new("RGB", (width, top + rows * (max(H, ksz + 12) + pad) + pad + 14), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((pad, 1), f"SAU kernels of {name} ({k}x{k}, x{s}, window={layer.window}): kernel | label window",
+              fill=(0, 0, 0))
+    for r in range(rows):
+        y0 = top + pad + r * (max(H, ksz + 12) + pad)
+        img = Image.fromarray(to_np(fake[r].cpu()))
+        labimg = Image.fromarray(to_np(data.colorize(lab[r:r + 1], info.label_nc)[0]))
+        locs = _pick_locations(lab_out[r], k, s, seed=r)
+        for img_ in (img, labimg):
+            d = ImageDraw.Draw(img_)
+            for (y, x), col in zip(locs, colours):
+                cy, cx = y * H // oh, x * W // ow                 # output pixel -> image pixel
+                d.rectangle([cx - 2, cy - 2, cx + 2, cy + 2], outline=col)
+        canvas.paste(img, (pad, y0))
+        canvas.paste(labimg, (2 * pad + W, y0))
+        x0 = 2 * (W + pad) + pad
+        for (y, x), col in zip(locs, colours):
+            w = kern[r, :, y, x].view(k, k)
+            win = _label_window(lab_in[r], y, x, k, s, layer.window)
+            own = lab_out[r, y, x]
+            mass, share = float(w[win == own].sum()), float((win == own).float().mean())
+            kimg = (w / w.max().clamp_min(1e-12) * 255).round().byte().numpy()
+            kimg = Image.fromarray(np.repeat(kimg[:, :, None], 3, 2)).resize((ksz, ksz), Image.NEAREST)
+            wcol = torch.where(win[..., None] >= 0, pal[win.clamp(0)], torch.zeros(3))
+            wimg = Image.fromarray(wcol.byte().numpy()).resize((ksz, ksz), Image.NEAREST)
+            canvas.paste(kimg, (x0, y0 + 12))
+            canvas.paste(wimg, (x0 + ksz + pad, y0 + 12))
+            draw.rectangle([x0 - 1, y0 + 11, x0 + ksz, y0 + 12 + ksz], outline=col)
+            draw.text((x0, y0), f"{mass:.2f} vs {share:.2f}", fill=col if col != (255, 220, 0) else (160, 130, 0))
+            x0 += 2 * ksz + 3 * pad
+    draw.text((pad, canvas.height - 13), "numbers: kernel mass on taps of the location's class vs their share",
+              fill=(0, 0, 0))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def make_figures(ckpt_path, out=None, num=4, device="auto", segmenter=None, seg_steps=300, dataset=None,
+                 dataroot=None, batch_size=8, progress=True):
+    """Write every figure that applies to the checkpoint's model into out (default <ckpt folder>/figures).
+    Returns {figure name: path}; prints a line per figure (and why one is skipped)."""
+    import data
+    import train
+    ckpt_path = str(ckpt_path)
+    if not os.path.isfile(ckpt_path):
+        raise EvalError(f"checkpoint not found: {ckpt_path}")
+    device = _device(device)
+    try:
+        ckpt = train.load_checkpoint(ckpt_path)
+        module, cfg, info, G, D = train.build_from_checkpoint(ckpt, device)
+    except (train.CheckpointError, KeyError, TypeError) as e:
+        raise EvalError(str(e) if ckpt_path in str(e) else f"{ckpt_path}: {e}") from None
+    del D
+    model_name, tcfg = ckpt["model"], ckpt.get("train_cfg", {})
+    if info.task != "semantic":
+        raise EvalError(f"{ckpt_path}: --figures is for semantic image synthesis checkpoints, got {info.task!r}")
+    val, name, _ = _val_set(data, dataset or tcfg.get("dataset", "synthetic"), dataroot or tcfg.get("dataroot"),
+                            info)
+    out = Path(out) if out else Path(ckpt_path).parent / "figures"
+    out.mkdir(parents=True, exist_ok=True)
+    batch = next(iter(torch.utils.data.DataLoader(val, batch_size=min(num, len(val)), shuffle=False)))
+    b = data.prepare_batch(batch, info, device, edges=model_name == "ecgan")
+    notes, written = [], {}
+    seg, seg_desc = find_segmenter(segmenter, [out, Path(ckpt_path).parent], name, info,
+                                   dataroot or tcfg.get("dataroot"), seg_steps, batch_size, device, notes, progress)
+    with torch.no_grad():
+        if model_name == "lggan":
+            if getattr(G, "local_gen", None) is not None:
+                written["lggan_fig12"] = figure_lggan_class_features(G, b, info, out / "lggan_fig12_class_features.png")
+            else:
+                notes.append("LGGAN Fig. 12 skipped: this checkpoint has no local generator (Table 9 B1)")
+        if model_name == "ecgan":
+            if cfg.use_edge:
+                written["ecgan_fig6"] = figure_ecgan_edges(G, module, b, info, out / "ecgan_fig6_edges_attention.png")
+            else:
+                notes.append("ECGAN Fig. 6 skipped: this checkpoint has no edge generator (use_edge false)")
+        fig = {"lggan": "lggan_fig13", "ecgan": "ecgan_fig7"}.get(model_name, model_name)  # gaugan: the baseline
+        if seg is not None:
+            written[fig] = figure_semantic_maps(G, module, model_name, b, info, seg, out / f"{fig}_semantic_maps.png")
+            notes.append(f"semantic maps by the {seg_desc}")
+        else:
+            notes.append(f"{fig} skipped: no segmenter (--segmenter PATH or --seg-steps > 0)")
+        path = figure_sau_kernels(G, module, b, info, out / "sau_fig5_kernels.png")
+        if path is not None:
+            written["sau_fig5"] = path
+        else:
+            notes.append(f"SAU Fig. 5 skipped: this {model_name} checkpoint has no SAU layer "
+                         f"(upsample={getattr(cfg, 'upsample', 'nearest')!r}; train with --upsample sau)")
+    for key, p in written.items():
+        print(f"wrote {p}")
+    for n in notes:
+        print(f"note: {n}")
+    return written
+
+
 def train_segmenter_cli(args):
     """--train-segmenter: train on real training images, cache it, report its mIoU on real validation images."""
     import data
@@ -809,7 +1083,8 @@ def train_segmenter_cli(args):
     out = Path(args.out or os.path.join("runs", "segmenter"))
     path = _segmenter_cache_path(out, args.dataset, info)
     device = _device(args.device)
-    seg = train_segmenter(train_set, info, steps=args.seg_steps, batch_size=args.batch_size, device=device,
+    seg = train_segmenter(train_set, info, steps=2000 if args.seg_steps is None else args.seg_steps,
+                          batch_size=args.batch_size, device=device,
                           out_path=path)
     try:
         kw = {} if args.dataset.startswith("synthetic") else {"flip": False}
@@ -850,12 +1125,16 @@ def main(argv=None):
                    help=f"pytorch-fid weights: a path or URL (e.g. {FID_WEIGHTS_URL})")
     p.add_argument("--segmenter", default=None, help="TorchScript segmenter or built-in segmenter checkpoint")
     p.add_argument("--classifier", default=None, help="TorchScript scene classifier (cross-view top-k, KL, IS)")
-    p.add_argument("--seg-steps", type=int, default=2000, help="training steps of the built-in segmenter")
+    p.add_argument("--seg-steps", type=int, default=None,
+                   help="training steps of the built-in segmenter when none is cached (default 2000; --figures 300)")
     p.add_argument("--ignore", type=int, nargs="*", default=None, help="label ids left out of mIoU/accuracy "
                                                                         "(default: dontcare; Cityscapes void ids)")
     p.add_argument("--height", type=int, default=64, help="--train-segmenter only (else the checkpoint's)")
     p.add_argument("--width", type=int, default=128, help="--train-segmenter only (else the checkpoint's)")
     p.add_argument("--no-images", action="store_true", help="do not write the per-image PNG files")
+    p.add_argument("--figures", action="store_true",
+                   help="write the papers' explanatory figures for --ckpt (LGGAN Figs. 12, 13; ECGAN Figs. 6, 7;\n"
+                        "SAU Fig. 5) into --out (default <ckpt folder>/figures); --num rows (default 4)")
     args = p.parse_args(argv)
     try:
         if args.train_segmenter:
@@ -863,9 +1142,15 @@ def main(argv=None):
             return train_segmenter_cli(args)
         if not args.ckpt:
             p.error("--ckpt PATH is required (or --train-segmenter)")
+        if args.figures:
+            return make_figures(args.ckpt, out=args.out, num=args.num or 4, device=args.device,
+                                segmenter=args.segmenter, seg_steps=300 if args.seg_steps is None else args.seg_steps,
+                                dataset=args.dataset,
+                                dataroot=args.dataroot, batch_size=args.batch_size)
         return evaluate(args.ckpt, dataset=args.dataset, dataroot=args.dataroot, out=args.out, num=args.num,
                         batch_size=args.batch_size, device=args.device, inception=args.inception,
-                        segmenter=args.segmenter, classifier=args.classifier, seg_steps=args.seg_steps,
+                        segmenter=args.segmenter, classifier=args.classifier,
+                        seg_steps=2000 if args.seg_steps is None else args.seg_steps,
                         ignore=args.ignore, save_images=not args.no_images)
     except (EvalError, ValueError) as e:  # ValueError: data.DatasetError, unknown dataset names
         print(f"eval.py: error: {e}", file=sys.stderr)

@@ -327,3 +327,26 @@ def test_end_to_end_crossview_eval_with_a_torchscript_classifier(tmp_path):
     assert 0 <= m["top-1 accuracy"] <= m["top-5 accuracy"] <= 1 and m["KL"] >= 0
     assert 1 <= m["inception-style score (all)"] <= 6
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"] == m
+
+
+@pytest.mark.slow
+def test_figures_of_a_tiny_lggan_plus_plus_checkpoint(tmp_path):
+    """--figures writes LGGAN Figs. 12, 13 and SAU Fig. 5 for an LGGAN++ checkpoint (training a segmenter when
+    none is cached); a plain GauGAN checkpoint gets its semantic maps and no SAU figure."""
+    import train
+    t0 = time.time()
+    run = tmp_path / "run"
+    lg = [a if a != "gaugan" else "lggan" for a in TINY]
+    train.main(lg + ["--upsample", "sau", "--out", str(run), "--steps", "1", "--batch_size", "2"])
+    written = evaluation.main(["--figures", "--ckpt", str(run / "ckpt_latest.pt"), "--num", "2", "--seg-steps", "2",
+                               "--device", "cpu"])
+    names = {"lggan_fig12_class_features.png", "lggan_fig13_semantic_maps.png", "sau_fig5_kernels.png"}
+    assert {p.name for p in written.values()} == names
+    for name in names:
+        assert (run / "figures" / name).stat().st_size > 0
+    gg = tmp_path / "gaugan"
+    train.main(TINY + ["--out", str(gg), "--steps", "1", "--batch_size", "2"])
+    written = evaluation.make_figures(gg / "ckpt_latest.pt", out=tmp_path / "gfig", num=2, device="cpu",
+                                      segmenter=str(run / "figures" / "segmenter_synthetic_32x64.pt"))
+    assert [p.name for p in written.values()] == ["gaugan_semantic_maps.png"]
+    assert time.time() - t0 < 60
