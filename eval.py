@@ -998,7 +998,7 @@ def figure_sau_kernels(G, module, b, info, path, rows=2, cell=12):
         for (y, x), col in zip(locs, colours):
             w = kern[r, :, y, x].view(k, k)
             win = _label_window(lab_in[r], y, x, k, s, layer.window)
-            own = lab_out[r, y, x]
+            own = win[k // 2, k // 2]                             # the class the centre tap reads
             mass, share = float(w[win == own].sum()), float((win == own).float().mean())
             kimg = (w / w.max().clamp_min(1e-12) * 255).round().byte().numpy()
             kimg = Image.fromarray(np.repeat(kimg[:, :, None], 3, 2)).resize((ksz, ksz), Image.NEAREST)
