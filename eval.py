@@ -722,7 +722,7 @@ def evaluate(ckpt_path, dataset=None, dataroot=None, out=None, num=None, batch_s
                     _save_png(real[i], out / "real" / f"{done + i:05d}.png")
             if grid_cols is None or grid_cols[0].shape[0] < grid_rows:
                 first = ([b["image_a"], b["seg"]] if info.task == "crossview" else
-                         [data.colorize(label, info.label_nc)])
+                         [data.colorize(label, info.num_classes)])
                 named = [(c if c.shape[1] in (1, 3) else c[:, :1]).float() for c in cols.values()]
                 new = [c[:grid_rows].cpu() for c in first + [real] + named]
                 grid_titles = (["input", "seg"] if info.task == "crossview" else ["label"]) + ["real"] + list(cols)
