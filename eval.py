@@ -856,7 +856,7 @@ def figure_lggan_class_features(G, b, info, path, n_channels=2):
     f = feats["f"].float()                                        # f': (B, ngf, H, W)
     classes, names = _pick_classes(b["label"], info)
     idx = out["class_idx"].tolist()
-    cols, titles = [data.colorize(b["label"], info.label_nc), out["local"], out["fake"]], ["label", "local", "fake"]
+    cols, titles = [data.colorize(b["label"], info.num_classes), out["local"], out["fake"]], ["label", "local", "fake"]
     for c in classes:
         m = b["onehot"][:, c:c + 1].float()                       # M_c: (B, 1, H, W)
         fc = f * m                                                # Eq. 2
@@ -876,7 +876,7 @@ def figure_semantic_maps(G, module, model_name, b, info, seg, path):
     ECGAN shows both I' ('Ours I') and I'' ('Ours II')."""
     import data
     cols = module.sample(G, b)
-    out = [data.colorize(b["label"], info.label_nc)]
+    out = [data.colorize(b["label"], info.num_classes)]
     titles = ["label"]
     shown = [("intermediate", "I'"), ("fake", "I''")] if model_name == "ecgan" and "intermediate" in cols else \
         [("fake", "fake")]
@@ -894,7 +894,7 @@ def figure_ecgan_edges(G, module, b, info, path):
     import data
     cols = module.sample(G, b)
     real_edge = b["edge"] * 2 - 1 if "edge" in b else data.canny(b["image"]) * 2 - 1
-    data.save_grid([data.colorize(b["label"], info.label_nc), cols["edge"], cols["attention"], cols["fake"],
+    data.save_grid([data.colorize(b["label"], info.num_classes), cols["edge"], cols["attention"], cols["fake"],
                     real_edge, b["image"]], path,
                    titles=["label", "edge I_e'", "attention", "fake", "real edges", "real"])
     return path
@@ -972,7 +972,7 @@ def figure_sau_kernels(G, module, b, info, path, rows=2, cell=12):
     lab_out = F.interpolate(lab[:, None].float(), size=(oh, ow), mode="nearest")[:, 0].long()
     lab_in = F.interpolate(lab[:, None].float(), size=x_in.shape[-2:], mode="nearest")[:, 0].long()
     to_np = lambda t: ((t.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    pal = ((data.colorize(torch.arange(info.label_nc)[None, None], info.label_nc)[0, :, 0].T + 1) * 127.5).round()
+    pal = ((data.colorize(torch.arange(info.label_nc)[None, None], info.num_classes)[0, :, 0].T + 1) * 127.5).round()
     colours = [(255, 0, 0), (0, 200, 255), (255, 220, 0)]
     ksz = k * cell
     pad, top = 4, 14
@@ -985,7 +985,7 @@ def figure_sau_kernels(G, module, b, info, path, rows=2, cell=12):
     for r in range(rows):
         y0 = top + pad + r * (max(H, ksz + 12) + pad)
         img = Image.fromarray(to_np(fake[r].cpu()))
-        labimg = Image.fromarray(to_np(data.colorize(lab[r:r + 1], info.label_nc)[0]))
+        labimg = Image.fromarray(to_np(data.colorize(lab[r:r + 1], info.num_classes)[0]))
         locs = _pick_locations(lab_out[r], k, s, seed=r)
         for img_ in (img, labimg):
             d = ImageDraw.Draw(img_)
