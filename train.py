@@ -386,6 +386,12 @@ def train(tcfg: TrainConfig, mcfg):
     say = print if master else (lambda *a, **k: None)
 
     out = tcfg.out or os.path.join("runs", tcfg.model)
+    # ECGAN without --segmenter: the run trains its own G_l into its folder (below); set the path first, so
+    # that a resumed run's config matches the checkpoint's
+    train_own_segmenter = (hasattr(mcfg, "segmenter") and not mcfg.segmenter and
+                           getattr(mcfg, "use_label_gen", True))
+    if train_own_segmenter:
+        mcfg.segmenter = os.path.join(out, "segmenter.pt")
     ckpt = None
     if tcfg.resume:
         ckpt, path = find_resume_checkpoint(out, say)
@@ -418,8 +424,7 @@ def train(tcfg: TrainConfig, mcfg):
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
 
     # ECGAN's label generator G_l is a frozen segmenter trained on real images only (never on generated ones).
-    if hasattr(mcfg, "segmenter") and not mcfg.segmenter and getattr(mcfg, "use_label_gen", True):
-        mcfg.segmenter = os.path.join(out, "segmenter.pt")
+    if train_own_segmenter:
         if master and not os.path.exists(mcfg.segmenter):
             import eval as evaluation
             say(f"training the built-in segmenter for G_l on real images ({tcfg.segmenter_steps} steps)")

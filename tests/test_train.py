@@ -123,3 +123,17 @@ def test_corrupt_checkpoint_and_existing_run(tmp_path, capsys):
     assert latest.read_bytes() == good
     with pytest.raises(train.CheckpointError, match="nothing.pt"):
         train.load_checkpoint(tmp_path / "nothing.pt")
+
+
+@pytest.mark.slow
+def test_ecgan_trains_its_own_label_generator_and_resumes(tmp_path):
+    """Without --segmenter, ECGAN's run trains G_l into its folder first; --resume must accept that config."""
+    argv = [a if a != "gaugan" else "ecgan" for a in TINY] + [
+        "--out", str(tmp_path), "--steps", "2", "--batch_size", "2", "--segmenter_steps", "3", "--proj_dim", "8"]
+    train.main(argv + ["--stop_after", "1"])
+    assert (tmp_path / "segmenter.pt").is_file()
+    seg_bytes = (tmp_path / "segmenter.pt").read_bytes()
+    train.main(argv + ["--resume"])
+    ckpt = train.load_checkpoint(tmp_path / "ckpt_latest.pt")
+    assert ckpt["step"] == 2 and ckpt["model_cfg"]["segmenter"] == str(tmp_path / "segmenter.pt")
+    assert (tmp_path / "segmenter.pt").read_bytes() == seg_bytes  # trained once, reused on resume
