@@ -525,10 +525,12 @@ def train(tcfg: TrainConfig, mcfg):
         with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             cols = module.sample(G_raw, fixed)
         G_raw.train()
-        columns = [data.colorize(fixed["label"], info.num_classes)] + [c.float() for c in cols.values()] + \
-                  [fixed["image"]]
+        inputs = [("label", data.colorize(fixed["label"], info.num_classes))]
+        if "image_a" in fixed:  # cross-view: the other view is the generator's input too
+            inputs.insert(0, ("I_a", fixed["image_a"]))
+        columns = [c for _, c in inputs] + [c.float() for c in cols.values()] + [fixed["image"]]
         data.save_grid(columns, os.path.join(out, "samples", f"step_{step:06d}.png"),
-                       titles=["label", *cols.keys(), "real"])
+                       titles=[t for t, _ in inputs] + [*cols.keys(), "real"])
 
     bar = None
     if master and tcfg.progress:
