@@ -478,14 +478,6 @@ def _forever(loader):
         yield from loader
 
 
-def _atomic_torch_save(obj, path):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def train_segmenter(dataset, info, steps=2000, batch_size=8, device="cpu", out_path=None, width=32, lr=2e-3,
                     seed=0, progress=True):
     """Train the built-in Segmenter with cross-entropy on the dataset's real images (never generated ones).
@@ -514,8 +506,10 @@ def train_segmenter(dataset, info, steps=2000, batch_size=8, device="cpu", out_p
         bar.set_postfix(loss=f"{loss.item():.3f}")
     seg.eval().requires_grad_(False)
     if out_path is not None:
-        _atomic_torch_save({"kind": "segmenter", "label_nc": info.label_nc, "width": width, "steps": steps,
-                            "info": asdict(info), "state": seg.state_dict()}, out_path)
+        from train import atomic_save  # inside: train.py imports this file's users (ecgan.py) at its top
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_save({"kind": "segmenter", "label_nc": info.label_nc, "width": width, "steps": steps,
+                     "info": asdict(info), "state": seg.state_dict()}, out_path)
     return seg
 
 
