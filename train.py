@@ -125,7 +125,7 @@ def _add_fields(parser, cls, group_title):
     group = parser.add_argument_group(group_title)
     comments = _field_comments(cls)
     for f in fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = _default(f)
         flag = "--" + f.name
         text = f"{comments.get(f.name, '')} (default: {default!r})".strip().replace("%", "%%")
         if isinstance(default, bool):
@@ -158,7 +158,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     given = {a.split("=")[0][2:] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
     tcfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    mcfg = module.Config(**{f.name: _restore_type(getattr(args, f.name), f, module.Config)
+    mcfg = module.Config(**{f.name: _restore_type(getattr(args, f.name), f)
                             for f in fields(module.Config)})
     if tcfg.preset not in PRESETS:
         raise ConfigError(f"unknown preset {tcfg.preset!r}; choose one of {sorted(PRESETS)}")
@@ -174,9 +174,8 @@ def parse_args(argv=None):
     return tcfg, mcfg
 
 
-def _restore_type(value, f, cls):
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    return tuple(value) if isinstance(default, tuple) else value
+def _restore_type(value, f):
+    return tuple(value) if isinstance(_default(f), tuple) else value
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -267,8 +266,7 @@ def config_from_dict(cls, d, what):
     if unknown:
         raise CheckpointError(f"{what}: fields {unknown} are not in {cls.__name__}")
     f_types = {f.name: f for f in fields(cls)}
-    return cls(**{k: (tuple(v) if isinstance(v, list) and isinstance(_default(f_types[k]), tuple) else v)
-                  for k, v in d.items()})
+    return cls(**{k: _restore_type(v, f_types[k]) for k, v in d.items()})
 
 
 def _default(f):
