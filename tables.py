@@ -45,6 +45,16 @@ TABLES = {  # table -> (model, [(row name, {config field: value})])
     "ecgan3": ("ecgan", None),  # rows from ecgan.TABLE3
 }
 
+# The papers' numbers for each row on Cityscapes (mIoU, Acc, FID; None where not reported), printed beside ours
+# so that the ordering can be compared. LGGAN Table 9 gives no Acc; LGGAN++ is Table 5's "LGGAN + SAU".
+# Table 12's nearest row (62.8 / 58.7) and Table 5's GauGAN row (62.3 / 71.8) disagree in the paper itself.
+PAPER = {
+    "lggan9": [(62.3, None, 71.8), (64.6, None, 66.1), (65.8, None, 65.6), (67.0, None, 61.3), (68.4, None, 57.7)],
+    "gaugan12": [(62.8, 81.5, 58.7), (63.9, 81.9, 52.9), (63.8, 82.2, 54.0), (65.5, 82.5, 48.3), (67.7, 82.9, 48.1)],
+    "ecgan3": [(58.6, 81.4, 65.7), (60.2, 81.7, 61.0), (61.5, 82.0, 59.0), (64.5, 82.5, 57.1), (66.8, 82.7, 52.2),
+               (72.2, 83.1, 44.5)],
+}
+
 
 def table_rows(name):
     model, rows = TABLES[name]
@@ -125,15 +135,16 @@ def write_table(name, results, out, budget_steps, seeds, seg_desc, info, num, tr
              f"measured by the {seg_desc}; its mIoU on real images (ceiling): "
              f"{'n/a' if ceiling is None else f'{ceiling:.3f}'}; values are mean ± (max - min) / 2 over seeds",
              "",
-             f"| row | flags | mIoU ↑ | Acc ↑ | {fid_key} ↓ | train s / seed |",
-             "|---|---|---|---|---|---|"]
-    for r in results:
+             f"| row | flags | mIoU ↑ | Acc ↑ | {fid_key} ↓ | train s / seed | paper, Cityscapes: mIoU / Acc / FID |",
+             "|---|---|---|---|---|---|---|"]
+    for r, paper in zip(results, PAPER[name], strict=True):
         get = lambda k: [s["metrics"].get(k) for s in r["runs"]]
         t = statistics.fmean(s["train_s"] for s in r["runs"])
         cmd = f"--model {r['model']} {r['flags']}".strip()
+        paper = " / ".join("-" if v is None else str(v) for v in paper)
         lines.append(f"| {r['row']} | `{cmd}` | "
                      f"{mean_spread(get('mIoU'))} | {mean_spread(get('pixel accuracy'))} | "
-                     f"{mean_spread(get(fid_key))} | {t:.0f} |")
+                     f"{mean_spread(get(fid_key))} | {t:.0f} | {paper} |")
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     out = Path(out)
