@@ -571,6 +571,9 @@ class SyntheticStreets(torch.utils.data.Dataset):
     def __len__(self):
         return self.length
 
+    def set_epoch(self, epoch):  # samples are pure functions of (seed, split, i): nothing to redraw per epoch
+        pass
+
     def views(self, i):
         """Scene and view windows (x0, x1, y0, y1) of sample i."""
         rng = np.random.default_rng([self.seed, self.split_id, int(i)])
@@ -684,13 +687,41 @@ def _pair(images, labels, image_dir, label_dir, what="label"):
     return {k: (images[k], labels[k]) for k in sorted(images)}  # key -> (image path, label path)
 
 
-class FolderDataset(torch.utils.data.Dataset):
-    """(image, label[, instance]) file triples. Raw label values v map to classes as:
-    v == dontcare_value -> num_classes (the dontcare id); otherwise v - offset, which must lie in 0..num_classes-1."""
+# Preprocessing, as GauGAN's public code does it (REFERENCE.md "Preprocessing"), scaled to any size (H, W):
+#   "resize_and_crop" (COCO-Stuff, ADE20K, Facades; also DeepFashion, CelebAMask-HQ, custom): training resizes to
+#       load = size * 286/256 (286 x 286 at 256) and crops size at one random position shared by image, label and
+#       instance map; validation resizes to size (GauGAN's load_size 256 = crop_size: no effective crop).
+#   "fixed" (Cityscapes): resize to size (512 wide x 256 high in the papers), no crop.
+# Then a random horizontal flip in training. The aspect ratio of the files is not preserved (as in GauGAN).
+# Every random choice of sample i in epoch e is drawn from default_rng([seed, e, i]): a sample looks the same
+# whichever worker loads it and however an epoch is resumed (set_epoch is called at the start of every epoch).
+LOAD_RATIO = 286 / 256
 
-    def __init__(self, info, items, instances=None, offset=0, dontcare_value=None, flip=False):
+
+def load_size(H, W):
+    """Training resize before the random crop: size * 286/256, rounded half up (256 -> 286, 64 -> 72)."""
+    return int(math.floor(H * LOAD_RATIO + 0.5)), int(math.floor(W * LOAD_RATIO + 0.5))
+
+
+class _Jitter:
+    """Per-sample random draws keyed by (seed, epoch, index)."""
+    seed, epoch = 0, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def _rng(self, i):
+        return np.random.default_rng([int(self.seed), int(self.epoch), int(i)])
+
+
+class FolderDataset(_Jitter, torch.utils.data.Dataset):
+    """(image, label[, instance]) file triples. Raw label values v map to classes as:
+    v == dontcare_value -> num_classes (the dontcare id); otherwise v - offset, which must lie in 0..num_classes-1.
+    crop: GauGAN's training jitter (resize to load_size, random crop); flip: random horizontal flip."""
+
+    def __init__(self, info, items, instances=None, offset=0, dontcare_value=None, flip=False, crop=False, seed=0):
         self.info, self.items, self.instances = info, items, instances
-        self.offset, self.dontcare_value, self.flip = offset, dontcare_value, flip
+        self.offset, self.dontcare_value, self.flip, self.crop, self.seed = offset, dontcare_value, flip, crop, seed
 
     def __len__(self):
         return len(self.items)
@@ -717,17 +748,24 @@ class FolderDataset(torch.utils.data.Dataset):
         if lab.shape != (im.size[1], im.size[0]):
             raise DatasetError(f"{lpath}: label size {lab.shape[1]}x{lab.shape[0]} does not match image "
                                f"{ipath} size {im.size[0]}x{im.size[1]}")
+        inst = None
         if self.instances is not None:
             inst = np.asarray(_open(self.instances[i], "instance map")).astype(np.int64)
             if inst.ndim != 2 or inst.shape != lab.shape:
                 raise DatasetError(f"{self.instances[i]}: instance map shape {inst.shape} does not match label "
                                    f"{lpath} shape {lab.shape}")
-            inst = torch.from_numpy(_resize_nearest(inst, H, W))
-        else:
-            inst = torch.zeros(H, W, dtype=torch.int64)
-        out = {"image": _image_tensor(im, H, W), "label": torch.from_numpy(_resize_nearest(lab, H, W)),
-               "instance": inst, "path": str(ipath)}
-        if self.flip and torch.rand(()) < 0.5:  # one coin for image, label and instance
+        rng = self._rng(i)
+        lh, lw, y, x = H, W, 0, 0
+        if self.crop:  # one crop position for image, label and instance map
+            lh, lw = load_size(H, W)
+            y, x = int(rng.integers(0, lh - H + 1)), int(rng.integers(0, lw - W + 1))
+        win = (slice(y, y + H), slice(x, x + W))
+        out = {"image": _image_tensor(im, lh, lw)[:, win[0], win[1]].contiguous(),
+               "label": torch.from_numpy(_resize_nearest(lab, lh, lw)[win].copy()),
+               "instance": (torch.from_numpy(_resize_nearest(inst, lh, lw)[win].copy()) if inst is not None
+                            else torch.zeros(H, W, dtype=torch.int64)),
+               "path": str(ipath)}
+        if self.flip and rng.random() < 0.5:  # one coin for image, label and instance
             for k in ("image", "label", "instance"):
                 out[k] = out[k].flip(-1)
         return out
@@ -802,11 +840,11 @@ def _dir_pairs(label_dir, image_dir, instance_dir=None):
 PANELS = ("I_a", "I_g", "S_a", "S_g", "L_a", "L_g")
 
 
-class CrossViewPanels(torch.utils.data.Dataset):
+class CrossViewPanels(_Jitter, torch.utils.data.Dataset):
     """Each file holds 6 equal panels side by side {I_a, I_g, S_a, S_g, L_a, L_g}. L_* are grey 10, 20, .., 60
     for 6 grouped classes -> ids 0..5. Label panels are resized with nearest, so their values stay exact."""
 
-    def __init__(self, root, split="train", size=(256, 256), flip=False):
+    def __init__(self, root, split="train", size=(256, 256), flip=False, seed=0):
         root = Path(root)
         layout = f"{root}/{{train,val}}/*.jpg|png, each 6 panels side by side {{{', '.join(PANELS)}}}"
         d = root / split
@@ -814,7 +852,7 @@ class CrossViewPanels(torch.utils.data.Dataset):
         self.files = sorted(_files(d, IMG_EXT).values())
         if not self.files:
             raise DatasetError(f"{d}: no images found; expected layout: {layout}")
-        self.flip = flip
+        self.flip, self.seed = flip, seed
         self.info = DataInfo("crossview", 6, False, False, size[0], size[1], "crossview",
                              ["class%d" % i for i in range(6)])
 
@@ -842,7 +880,7 @@ class CrossViewPanels(torch.utils.data.Dataset):
         out = {"image_a": _image_tensor(p[0], H, W), "image": _image_tensor(p[1], H, W),
                "seg_a": _image_tensor(p[2], H, W), "seg": _image_tensor(p[3], H, W),
                "label_a": la, "label": lg, "path": str(path)}
-        if self.flip and torch.rand(()) < 0.5:
+        if self.flip and self._rng(i).random() < 0.5:
             out = {k: (v.flip(-1) if torch.is_tensor(v) else v) for k, v in out.items()}
         return out
 
@@ -850,36 +888,85 @@ class CrossViewPanels(torch.utils.data.Dataset):
 # -----------------------------------------------------------------------------
 # name -> dataset
 
-# name: (num_classes, dontcare, has_instance, default size)
-SPECS = {"cityscapes": (35, False, True, (256, 512)), "ade20k": (150, True, False, (256, 256)),
-         "coco": (182, True, True, (256, 256)), "facades": (13, False, False, (256, 256)),
-         "deepfashion": (20, False, False, (256, 256)), "celebamask": (19, False, False, (256, 256))}
+# name: (num_classes, dontcare, has_instance, the papers' size (H, W), preprocessing (see LOAD_RATIO above))
+SPECS = {"cityscapes": (35, False, True, (256, 512), "fixed"),
+         "ade20k": (150, True, False, (256, 256), "resize_and_crop"),
+         "coco": (182, True, True, (256, 256), "resize_and_crop"),
+         "facades": (13, False, False, (256, 256), "resize_and_crop"),
+         "deepfashion": (20, False, False, (256, 256), "resize_and_crop"),
+         "celebamask": (19, False, False, (256, 256), "resize_and_crop")}
 NAMES = ("synthetic", "synthetic_crossview", *SPECS, "custom", "crossview")
+CPU_HEIGHT = 64  # train.py's cpu preset: the dataset's aspect at this height (synthetic: 64x128, COCO: 64x64)
+
+# Cityscapes evaluation (the papers' DRN-D-105 protocol): label id -> one of the 19 train ids of the official label
+# definitions; every other id (void, license plate, ...) is left out (255).
+CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
+                        26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+CITYSCAPES_TRAIN_NAMES = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+                          "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+                          "motorcycle", "bicycle"]
+
+
+def cityscapes_train_ids(label):
+    """Label ids (any shape, int) -> train ids 0..18, 255 for every id the 19-class evaluation leaves out."""
+    lut = torch.full((max(256, int(label.max()) + 1),), 255, dtype=torch.int64)
+    for k, v in CITYSCAPES_TRAIN_IDS.items():
+        lut[k] = v
+    return lut.to(label.device)[label.long().clamp_min(0)]
+
+
+def default_size(name, height=0, width=0, small=True):
+    """(H, W) for a dataset: given values win; a missing one follows the dataset's aspect (COCO-Stuff, ADE20K,
+    Facades square, Cityscapes and the synthetic scenes 1:2); with neither, small=True gives CPU_HEIGHT high (the
+    cpu preset), small=False the papers' size (256x256, Cityscapes 256x512). Synthetic scenes default to 64x128."""
+    if name in SPECS:
+        paper = SPECS[name][3]
+    elif name in ("synthetic", "synthetic_crossview"):
+        paper = (64, 128)
+    else:  # custom, crossview
+        paper = (256, 256)
+    aspect = paper[1] / paper[0]
+    if height and width:
+        return int(height), int(width)
+    if height:
+        return int(height), int(round(height * aspect))
+    if width:
+        return int(round(width / aspect)), int(width)
+    if small and name not in ("synthetic", "synthetic_crossview"):
+        return CPU_HEIGHT, int(round(CPU_HEIGHT * aspect))
+    return paper
 
 
 def make_dataset(name="synthetic", dataroot=None, split="train", size=None, **kw):
-    """Dataset with .info. size = (H, W). Real datasets: flip (default: split == "train") flips image and label
-    together. synthetic*: length, seed. deepfashion/celebamask: label_dir, image_dir (default
+    """Dataset with .info. size = (H, W), default the papers' size. Real datasets: crop and flip (default: split ==
+    "train") switch on GauGAN's training jitter (random crop where the dataset's preprocessing has one, random flip);
+    jitter_seed seeds it. synthetic*: length, seed. deepfashion/celebamask: label_dir, image_dir (default
     <dataroot>/{split}_label, {split}_img). custom: label_dir, image_dir, num_classes, dontcare_value, instance_dir."""
     if name not in NAMES:
         raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(NAMES)}")
     if name in ("synthetic", "synthetic_crossview"):
-        kw.pop("flip", None)  # every sample is a fresh scene already
+        for k in ("flip", "crop", "jitter_seed"):
+            kw.pop(k, None)  # every sample is a fresh scene already
         return SyntheticStreets(split, tuple(size or (64, 128)), crossview=name == "synthetic_crossview", **kw)
     flip = kw.pop("flip", split == "train")
+    crop = kw.pop("crop", split == "train")
+    seed = kw.pop("jitter_seed", 0)
     if name == "crossview":
         if dataroot is None:
             raise DatasetError("crossview needs --dataroot")
-        return CrossViewPanels(dataroot, split, tuple(size or (256, 256)), flip=flip)
-    offset, dontcare_value = 0, None
+        return CrossViewPanels(dataroot, split, tuple(size or (256, 256)), flip=flip, seed=seed)
+    offset, dontcare_value, mode = 0, None, "resize_and_crop"
     if name == "custom":
         if kw.get("num_classes") is None:
             raise DatasetError("custom dataset needs num_classes")
         n, dontcare_value = int(kw["num_classes"]), kw.get("dontcare_value")
-        spec = (n, dontcare_value is not None, kw.get("instance_dir") is not None, (256, 256))
+        if n < 1:
+            raise DatasetError(f"custom dataset needs num_classes >= 1, got {n}")
+        spec = (n, dontcare_value is not None, kw.get("instance_dir") is not None, (256, 256), mode)
         items, insts = _dir_pairs(kw.get("label_dir"), kw.get("image_dir"), kw.get("instance_dir"))
     else:
         spec = SPECS[name]
+        mode = spec[4]
         if dataroot is None and name not in ("deepfashion", "celebamask"):
             raise DatasetError(f"{name} needs --dataroot")
         if name == "cityscapes":
@@ -896,10 +983,12 @@ def make_dataset(name="synthetic", dataroot=None, split="train", size=None, **kw
             ld = kw.get("label_dir") or (root / f"{split}_label" if root else None)
             idir = kw.get("image_dir") or (root / f"{split}_img" if root else None)
             items, insts = _dir_pairs(ld, idir)
-    n, dontcare, has_inst, default = spec
+    n, dontcare, has_inst, default = spec[:4]
     H, W = tuple(size or default)
+    if H < 1 or W < 1:
+        raise DatasetError(f"size {H}x{W}: height and width must be positive")
     info = DataInfo(name, n, dontcare, has_inst, H, W)
-    return FolderDataset(info, items, insts, offset, dontcare_value, flip)
+    return FolderDataset(info, items, insts, offset, dontcare_value, flip, crop and mode == "resize_and_crop", seed)
 
 
 # -----------------------------------------------------------------------------
