@@ -17,11 +17,24 @@ Map of the file
     make_upsampler(name, C, s)      the Table 12 zoo behind one (B, C, H, W) -> (B, C, sH, sW) interface
     benchmark / __main__            `python sau.py`: time, peak memory and parameters of everything
 
-Two windows. The paper's text (Sec. 3.2.2) nearest-expands f to (sH, sW) and takes the k x k block
-of the *expanded* map around each output pixel: window="expanded". Its definition of Z(l, k) is the
-k x k block of the *input* around l = floor(l'/s) (CARAFE's rule): window="input". Kernels are
-(B, k*k, sH, sW) with the k*k taps in row-major order of the offsets (p, q), p, q in -k//2..k//2,
-the channel order F.unfold uses.
+Two windows (the paper gives both; `window`, the models' `sau_window` config field, picks one).
+    "expanded" (default): the SAFU text (Sec. 3.2.2) nearest-expands f to (sH, sW) and takes the k x k block
+        of the *expanded* map around each output pixel. The expanded map repeats each input pixel s x s
+        times, so at k=5, s=2 the 25 taps fall on only 3 x 3 distinct input pixels: a 5x5 kernel over a
+        3x3 input window (weights of taps on the same pixel add up).
+    "input": the definition of Z(l, k) (Sec. 3.2), the k x k block of the *input* around l = floor(l'/s)
+        (CARAFE's rule): a true 5 x 5 window of input pixels, 25 distinct taps.
+Kernels are (B, k*k, sH, sW) with the k*k taps in row-major order of the offsets (p, q), p, q in
+-k//2..k//2, the channel order F.unfold uses.
+
+Where SAU goes (the paper says it replaces "the upsampling layers"; what is built):
+    GauGAN+SAU (Table 12, gaugan.py, upsample="sau"): the four decoder upsamplers (after G_middle_1, up_0,
+        up_1, up_2: 16nf, 8nf, 4nf, 2nf channels) are SAUs; the low-resolution one(s) after head_0 (and
+        after G_middle_0 in 'more') stay nearest: nearest, [nearest,] SAU x4. That is the count that
+        reproduces Table 12's 93.4M (see SAU.__init__); upsample_low_res=True makes those SAUs too.
+    LGGAN++ (lggan.py, upsample="sau"): sau_placement="upsamplers" (default) as above in the global trunk
+        and, in G_l / G_w, a 3x3 conv then an SAU in place of each transposed conv; sau_placement="encoder"
+        (Sec. 3.1 / Fig. 2, f' = SAU(f)) one SAU on the encoder's output, shared by the three branches.
 """
 
 import argparse
@@ -245,10 +258,13 @@ def _sau_lean(x, kernels, s, k, window, autograd_function=True):
 
 
 class SAU(nn.Module):
-    """Semantic-aware upsampling, Fig. 4. (B, C, H, W) -> (B, C, sH, sW)."""
+    """Semantic-aware upsampling, Fig. 4. (B, C, H, W) -> (B, C, sH, sW). window: "expanded" (SAFU text: a
+    k x k kernel over fewer distinct input pixels, 3 x 3 at k=5, s=2) or "input" (Z(l, k): k x k input pixels)."""
 
     def __init__(self, channels, scale=2, k=5, compressed=64, window="expanded", impl="lean"):
         super().__init__()
+        if window not in WINDOWS:
+            raise ValueError(f"sau.py: window={window!r}, expected one of {WINDOWS}")
         self.scale, self.k, self.window, self.impl = scale, k, window, impl
         # feature channel compression: 1x1, C -> C' (Sec. 3.2.1, C' = 64). It never expands: a narrow layer
         # (C < 64, e.g. train.py's cpu preset) keeps C' = C; at the papers' widths (C >= 128) C' = 64.
@@ -348,8 +364,11 @@ class Involution(nn.Module):
 UPSAMPLERS = ("nearest", "bilinear", "bicubic", "deconv", "pixelshuffle", "attention", "involution", "sau")
 
 
-def make_upsampler(name, channels, scale=2):
-    """Table 12's upsamplers B1-B8, each (B, C, H, W) -> (B, C, sH, sW)."""
+def make_upsampler(name, channels, scale=2, window="expanded"):
+    """Table 12's upsamplers B1-B8, each (B, C, H, W) -> (B, C, sH, sW). window: SAU's window rule (header);
+    the other upsamplers have none, but a wrong value is an error whatever the name."""
+    if window not in WINDOWS:
+        raise ValueError(f"sau.py: window={window!r}, expected one of {WINDOWS}")
     up = nn.Upsample(scale_factor=scale, mode="nearest")
     if name == "nearest":                                                           # B1
         return up
@@ -365,7 +384,7 @@ def make_upsampler(name, channels, scale=2):
     if name == "involution":                                                       # B7
         return nn.Sequential(Involution(channels), up)
     if name == "sau":                                                              # B8
-        return SAU(channels, scale)
+        return SAU(channels, scale, window=window)
     raise ValueError(f"sau.py: unknown upsampler {name!r}, expected one of {UPSAMPLERS}")
 
 

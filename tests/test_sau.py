@@ -146,3 +146,41 @@ def test_zoo_parameter_counts_match_table_12():
         row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
         four = float(row.split("|")[3].strip().rstrip("M"))
         assert f"{four:.1f}" == paper, row
+
+
+@pytest.mark.parametrize("impl", sau.IMPLS)
+def test_windows_read_3x3_or_5x5_input_pixels(impl):
+    # the input pixels an output pixel l' reads (non-zero gradient, all kernel taps > 0), against the two rules
+    # written out: "expanded" reads input row floor((i' + p) / s), "input" reads floor(i' / s) + p, p in -2..2
+    k, s, H, W = 5, 2, 9, 9
+    x = torch.randn(1, 1, H, W, dtype=torch.float64, requires_grad=True)
+    kern = torch.softmax(torch.randn(1, k * k, s * H, s * W, dtype=torch.float64), 1)
+    for window in sau.WINDOWS:
+        for i2, j2 in [(8, 8), (9, 9), (8, 9)]:  # both output phases, away from the border
+            g, = torch.autograd.grad(sau.sau_upsample(x, kern, s, window, impl)[0, 0, i2, j2], x)
+            read = {tuple(ij) for ij in (g[0, 0] != 0).nonzero().tolist()}
+            rows = lambda i: {(i + p) // s for p in range(-2, 3)} if window == "expanded" else \
+                {i // s + p for p in range(-2, 3)}
+            want = {(a, b) for a in rows(i2) for b in rows(j2)}
+            assert read == want, (window, i2, j2)
+            assert len(want) == (9 if window == "expanded" else 25)
+
+
+def test_sau_windows_give_different_outputs():
+    torch.manual_seed(0)
+    a = sau.SAU(8, window="expanded")
+    b = sau.SAU(8, window="input")
+    b.load_state_dict(a.state_dict())  # same kernels: only the window rule differs
+    x = torch.randn(1, 8, 6, 6)
+    assert torch.equal(a.kernels(x), b.kernels(x))
+    assert (a(x) - b(x)).abs().max() > 1e-3
+
+
+def test_make_upsampler_passes_the_window():
+    for window in sau.WINDOWS:
+        assert sau.make_upsampler("sau", 8, window=window).window == window
+    for name in ("sau", "nearest"):  # a typo is an error whatever the upsampler
+        with pytest.raises(ValueError, match=r"sau.py: window='inputs'"):
+            sau.make_upsampler(name, 8, window="inputs")
+    with pytest.raises(ValueError, match=r"sau.py: window='inputs'"):
+        sau.SAU(8, window="inputs")
