@@ -37,10 +37,13 @@ except ModuleNotFoundError as e:  # only a missing sau.py; an import error insid
     sau = None
 
 
-def make_upsampler(name, channels, scale=2):
-    """(B, C, H, W) -> (B, C, sH, sW). sau.make_upsampler when sau.py exists."""
+def make_upsampler(name, channels, scale=2, window="expanded"):
+    """(B, C, H, W) -> (B, C, sH, sW). sau.make_upsampler when sau.py exists; window is SAU's window rule
+    ("expanded" | "input", sau.py's header), which the other upsamplers ignore."""
     if sau is not None:
-        return sau.make_upsampler(name, channels, scale=scale)
+        return sau.make_upsampler(name, channels, scale=scale, window=window)
+    if window not in ("expanded", "input"):
+        raise ValueError(f"gaugan.py: sau_window={window!r}, expected 'expanded' or 'input'")
     if name == "nearest":
         return nn.Upsample(scale_factor=scale, mode="nearest")
     raise ValueError(f"upsample={name!r} needs sau.py, which could not be imported; only 'nearest' works without it")
@@ -105,6 +108,8 @@ class GauGANConfig:
     num_upsampling_layers: str = "normal"  # "normal" (5 ups) | "more" (6 ups, Cityscapes) (public code)
     upsample: str = "nearest"             # any sau.make_upsampler name; "sau" = GauGAN+SAU (LGGAN++ Table 12)
     upsample_low_res: bool = False        # also the upsamplers after head_0 / G_middle_0 (Table 12: nearest)
+    sau_window: str = "expanded"          # SAU window: "expanded" (SAFU text: 5x5 kernel, 3x3 input pixels) |
+                                          # "input" (Z(l, k) definition: 5x5 input pixels) (sau.py header)
     norm: str = "instance"                # SPADE's param-free norm: "instance" | "batch" (paper: sync batch norm)
     spade_hidden: int = 128               # SPADE's shared conv width (public code)
     use_vae: bool = False                 # style encoder + KL for multi-modal synthesis (GauGAN Sec. 3.3)
@@ -131,7 +136,9 @@ NUM_UPSAMPLES = {"normal": 5, "more": 6}
 # ----------------------------------------------------------------------------- generator
 
 class GauGANGenerator(nn.Module):
-    """head -> head_0, G_middle_0, G_middle_1, up_0..up_3 with x2 upsamplers between -> to_rgb."""
+    """head -> head_0, G_middle_0, G_middle_1, up_0..up_3 with x2 upsamplers between -> to_rgb.
+    self.ups, in forward order: after head_0, [after G_middle_0 ('more' only),] after G_middle_1, up_0, up_1,
+    up_2. With upsample=NAME: nearest, [nearest,] NAME x4; with upsample_low_res: NAME x5 (x6 in 'more')."""
 
     def __init__(self, cfg, input_nc, height, width, head=True):
         super().__init__()
@@ -164,14 +171,16 @@ class GauGANGenerator(nn.Module):
         self.up_1 = block(8 * nf, 4 * nf)
         self.up_2 = block(4 * nf, 2 * nf)
         self.up_3 = block(2 * nf, nf)
-        # One upsampler per position, built for the channels of the tensor it sees. Table 12's parameter counts
-        # (deconv 98.6M, pixel shuffle 143.2M, attention 97.4M, SAU 93.4M) fit exactly when the four decoder
-        # upsamplers (16nf after G_middle_1, then 8nf, 4nf, 2nf) are replaced and the low-resolution ones
-        # (after head_0, and after G_middle_0 in 'more') stay nearest; upsample_low_res replaces those too.
+        # One upsampler per position, built for the channels of the tensor it sees. LGGAN++ says SAU replaces
+        # "the upsampling layers" without saying which; Table 12's parameter counts (deconv 98.6M, pixel shuffle
+        # 143.2M, attention 97.4M, SAU 93.4M) fit exactly when the four decoder upsamplers (16nf after
+        # G_middle_1, then 8nf, 4nf, 2nf) are replaced and the low-resolution ones (after head_0, and after
+        # G_middle_0 in 'more') stay nearest, so that is the default; upsample_low_res replaces those too.
         low = [16 * nf] + [16 * nf] * self.more
         low_name = cfg.upsample if cfg.upsample_low_res else "nearest"
-        self.ups = nn.ModuleList([make_upsampler(low_name, c, scale=2) for c in low] +
-                                 [make_upsampler(cfg.upsample, c, scale=2) for c in (16 * nf, 8 * nf, 4 * nf, 2 * nf)])
+        up = lambda name, c: make_upsampler(name, c, scale=2, window=cfg.sau_window)
+        self.ups = nn.ModuleList([up(low_name, c) for c in low] +
+                                 [up(cfg.upsample, c) for c in (16 * nf, 8 * nf, 4 * nf, 2 * nf)])
         self.conv_img = nn.Conv2d(nf, 3, 3, padding=1)
 
     def head(self, seg, z=None):

@@ -281,3 +281,57 @@ def test_table12_parameter_counts(name, paper):
     cfg = GauGANConfig(num_upsampling_layers="more", upsample=name)
     n = gaugan.count_generator(cfg, 35 + 1, 256, 512)
     assert abs(n / 1e6 - paper) < 0.1, (name, n)
+
+
+# ----------------------------------------------------------------------------- where the upsamplers are
+
+def upsampler_calls(model, *inputs):
+    """(type name, input channels) of every upsampling layer (nearest, transposed conv, SAU) in call order during
+    one forward; asserts each one doubles the height and width."""
+    kinds = (torch.nn.Upsample, torch.nn.ConvTranspose2d) + ((gaugan.sau.SAU,) if gaugan.sau else ())
+    calls = []
+
+    def hook(m, inp, out):
+        assert out.shape[2:] == (2 * inp[0].shape[2], 2 * inp[0].shape[3]), type(m).__name__
+        calls.append((type(m).__name__, inp[0].shape[1]))
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
+    with torch.no_grad():
+        model(*inputs)
+    for h in hooks:
+        h.remove()
+    return calls
+
+
+@pytest.mark.parametrize("ups", ["normal", "more"])
+def test_trunk_upsamplers_in_order(ups):
+    """nearest x5 (x6 in 'more'); GauGAN+SAU: nearest, [nearest,] then SAUs on 16nf, 8nf, 4nf, 2nf channels
+    (Table 12's 93.4M); with upsample_low_res SAUs only. nf = 8, so 16nf = 128."""
+    if gaugan.sau is None:
+        pytest.skip("sau.py not importable")
+    h, w = (32, 64) if ups == "normal" else (64, 128)
+    low = [128] * (2 if ups == "more" else 1)
+    want = {("nearest", False): [("Upsample", c) for c in low + [128, 64, 32, 16]],
+            ("sau", False): [("Upsample", c) for c in low] + [("SAU", c) for c in (128, 64, 32, 16)],
+            ("sau", True): [("SAU", c) for c in low + [128, 64, 32, 16]]}
+    for (name, low_res), calls in want.items():
+        torch.manual_seed(0)
+        G = GauGANGenerator(tiny_cfg(num_upsampling_layers=ups, upsample=name, upsample_low_res=low_res), 5, h, w)
+        assert upsampler_calls(G, onehot(1, 5, h, w)) == calls, (name, low_res)
+
+
+@pytest.mark.parametrize("window", ["expanded", "input"])
+def test_sau_window_reaches_every_sau(window):
+    """GauGANConfig.sau_window, and ECGAN's through gaugan.backbone_config, reach each SAU the trunk builds."""
+    if gaugan.sau is None:
+        pytest.skip("sau.py not importable")
+    import data
+    import ecgan
+    G = GauGANGenerator(tiny_cfg(upsample="sau", upsample_low_res=True, sau_window=window), 5, 32, 64)
+    saus = [m for m in G.modules() if isinstance(m, gaugan.sau.SAU)]
+    assert len(saus) == 5 and all(m.window == window for m in saus)
+    info = data.DataInfo("t", 4, False, True, 32, 64)
+    E = ecgan.ECGANGenerator(ecgan.ECGANConfig(ngf=8, upsample="sau", sau_window=window), info)
+    saus = [m for m in E.modules() if isinstance(m, gaugan.sau.SAU)]
+    assert len(saus) == 4 and all(m.window == window for m in saus)
+    with pytest.raises(ValueError, match="window='other'"):
+        GauGANGenerator(tiny_cfg(upsample="sau", sau_window="other"), 5, 32, 64)
