@@ -7,13 +7,15 @@ generator, pixel-wise contrastive loss, class-specific pixel generation and mult
 Map of this file (Fig. 1 of the paper):
 
     attention_transfer        G_t: x * sigmoid(edge) + x, at feature level (Sec. 3.1) and content level (Eq. 1)
+    edge_transfer_image       Eq. 1 on the images, with an optional range-preserving reading (eq1_range)
+    semantic_reweight         Eq. 2: F_c' = F_c * sigmoid(AvgPool(F_c)) + F_c
     semantic_reweight         Eq. 2: F_c' = F_c * sigmoid(AvgPool(F_c)) + F_c
     Branch                    G_e / G_i: n = 3 convs (C -> C/2 -> C/4 -> C/8), LeakyReLU before each, conv + tanh
     SemanticPreserving        G_s: concat(F, I', I_e', S) -> N-channel F_c -> Eq. 2 -> C+N+3+3 -> conv + tanh -> I''
     LabelGenerator            G_l: a frozen segmenter (eval.py's) that passes gradient to its input only
     ProjectionHead, sample_anchors, pixel_contrastive_loss   G_c: Eq. 5 on class-balanced pixels across the batch
-    lggan.ClassGenerator      Eqs. 6, 7: one conv per class on the class-masked contrastively learned feature F,
-                              summed (addition fusion); lggan.masked_l1 is Eq. 6 (the same form as LGGAN's Eq. 3)
+    ClassSpecificGenerator    Eqs. 6, 7: several spectral-normed convs per class on the class-masked contrastively
+                              learned feature F, summed (Eq. 7); lggan.masked_l1 is Eq. 6 (the form of LGGAN's Eq. 3)
     similarity_loss           Eq. 3: BCE between the M x M maps S^T S and S''^T S'' (naive and chunked)
     ECGANConfig, TABLE3       every hyperparameter, and the ablation rows of Table 3 as switches
     ECGANGenerator            E (GauGAN head + trunk) -> G_e, G_i, G_t -> G_s -> I''; G_l, G_c alongside
@@ -31,6 +33,10 @@ Choices where the paper is silent (each is named again where it is made):
     - Eq. 5: temperature 0.1, projection head to 256-d, at most 1,024 anchors (100 per class) sampled across
       the batch, dontcare pixels excluded (the pixel-contrast-for-segmentation design, REFERENCE.md).
     - Learning rates: App. B gives Adam betas (0, 0.999) only; GauGAN's 1e-4 (G) and 4e-4 (D).
+    - G_c's "several convolutional layers" per class: 3 (class_layers; App. B's n for G_i, G_e, G_s) 3x3 convs of
+      width 16 (class_width: the first layer then costs what LGGAN's per-class 7x7 conv costs), spectral-normed
+      per class; each class image is masked by M_c again, so absent classes give exactly zero.
+    - Eq. 1's I' lies in [-2, 2]; eq1_range="half" or "tanh" keeps it in the images' [-1, 1] (default: as written).
     - Hinge losses (GauGAN) for the log terms of Eqs. 8, 9.
 
 `python ecgan.py` prints the parameter table; `python ecgan.py --bench` times the fast losses against the naive
@@ -65,6 +71,21 @@ def attention_transfer(edge, x):
     (Eq. 1): I' = sigmoid(I_e') * I_i' + I_i'. The residual keeps what the attention multiplies away; note it
     lets I' range over [-2, 2]."""
     return torch.sigmoid(edge) * x + x
+
+
+EQ1_RANGES = ("paper", "half", "tanh")
+
+
+def edge_transfer_image(edge_map, image, out_range="paper"):
+    """Eq. 1, content level: I' = sigmoid(I_e') * I_i' + I_i'. I_i' is a tanh output in [-1, 1], so I' lies in
+    [-2, 2], twice the range of real images, and the Table 3 rows without G_s output I' as the image (D and the
+    metrics see it). out_range: "paper" Eq. 1 as written (default); "half" I' / 2, back in [-1, 1] with the same
+    sign and relative contrast; "tanh" tanh(I'), in (-tanh 2, tanh 2) = (-0.96, 0.96). The feature-level transfer
+    stays as written in every case: features have no range to keep (it can scale them by up to 2 per layer)."""
+    x = attention_transfer(edge_map, image)  # Eq. 1
+    if out_range == "half":
+        return x / 2
+    return torch.tanh(x) if out_range == "tanh" else x
 
 
 class Branch(nn.Module):
@@ -293,6 +314,98 @@ def downsample_for_similarity(probs, onehot, stride):
     return F.adaptive_avg_pool2d(probs, size), F.interpolate(onehot, size=size, mode="nearest")
 
 
+# ----------------------------------------------------------------------------- class-specific generation (Sec. 3.3)
+
+CLASS_IMPLS = ("naive", "vectorized")
+
+
+class ClassSpecificGenerator(nn.Module):
+    """G_c's pixel generation (Eqs. 6, 7): "the feature map is fed into several convolutional layers for the
+    corresponding semantic class". Class c's image I_gc = tanh(convs_c(F * M_c)) * M_c, where convs_c is `layers`
+    3x3 convs of its own (App. B's kernel and padding), LeakyReLU 0.2 before each (as G_i, G_e), widths
+    C -> width -> ... -> width -> 3, and spectral norm on every conv (App. B: "all the layers"), each class's
+    conv divided by its own largest singular value (power iteration, as torch's spectral_norm, per class).
+    The output is masked by M_c again (ours, as lggan.ClassGenerator): absent classes give exactly zero.
+
+    Layer j's weights of all N classes are one tensor (N, out, in, 3, 3), so the two implementations share one
+    state dict, and indexing it gives the whole Parameter a gradient (zero rows for absent classes: DDP needs no
+    find_unused_parameters):
+      naive       a Python loop over the N classes, one conv stack each: cost ~ N.
+      vectorized  the K classes present anywhere in the batch only: their K masked copies of F go through ONE
+                  grouped conv per layer (groups=K), and only their K weights are spectral-normed: cost ~ K.
+    Returns images (B, K, 3, H, W) and idx (K,) the class ids (naive: all N)."""
+
+    def __init__(self, num_classes, channels, layers=3, width=16, spectral=True, impl="vectorized"):
+        super().__init__()
+        if impl not in CLASS_IMPLS:
+            raise ValueError(f"ecgan.py: class_impl={impl!r}, expected one of {CLASS_IMPLS}")
+        if layers < 1 or width < 1:
+            raise ValueError(f"ecgan.py: class_layers={layers} and class_width={width} must be >= 1")
+        self.num_classes, self.impl, self.spectral = num_classes, impl, spectral
+        widths = [channels] + [width] * (layers - 1) + [3]
+        self.weight, self.bias = nn.ParameterList(), nn.ParameterList()
+        for j, (cin, cout) in enumerate(zip(widths[:-1], widths[1:])):
+            bound = 1 / (cin * 9) ** 0.5  # nn.Conv2d's default init per class (spectral-normed layers keep it)
+            self.weight.append(nn.Parameter(torch.empty(num_classes, cout, cin, 3, 3).uniform_(-bound, bound)))
+            self.bias.append(nn.Parameter(torch.empty(num_classes, cout).uniform_(-bound, bound)))
+            if spectral:  # per-class power-iteration vectors, 15 iterations at init as torch's spectral_norm
+                self.register_buffer(f"u{j}", F.normalize(torch.randn(num_classes, cout), dim=1))
+                self.register_buffer(f"v{j}", F.normalize(torch.randn(num_classes, cin * 9), dim=1))
+                with torch.no_grad():
+                    for _ in range(15):
+                        self._power_iteration(j, torch.arange(num_classes))
+
+    def _power_iteration(self, j, idx):
+        """One step of u, v towards the top singular vectors of the classes idx's (out, in*9) matrices."""
+        w = self.weight[j][idx].detach().flatten(2)  # (K, out, in*9)
+        u, v = getattr(self, f"u{j}"), getattr(self, f"v{j}")
+        v[idx] = F.normalize(torch.bmm(w.transpose(1, 2), u[idx].unsqueeze(2)).squeeze(2), dim=1, eps=1e-12)
+        u[idx] = F.normalize(torch.bmm(w, v[idx].unsqueeze(2)).squeeze(2), dim=1, eps=1e-12)
+
+    def layer(self, j, idx):
+        """Layer j's weights (K, out, in, 3, 3) and biases (K, out) of the classes idx, spectral-normed: one power
+        iteration per call in training mode (torch's spectral_norm: one per forward), sigma = u^T W v."""
+        w, b = self.weight[j][idx], self.bias[j][idx]
+        if not self.spectral:
+            return w, b
+        with torch.autocast(w.device.type, enabled=False):  # sigma in the weights' precision
+            if self.training:
+                with torch.no_grad():
+                    self._power_iteration(j, idx)
+            u, v = getattr(self, f"u{j}")[idx], getattr(self, f"v{j}")[idx]  # copies: later updates leave them
+            sigma = (u.unsqueeze(1) @ (w.flatten(2) @ v.unsqueeze(2))).view(-1, 1, 1, 1, 1)  # (K,) u^T W v
+            return w / sigma, b
+
+    def forward(self, feat, masks):
+        """feat (B, C, H, W) = F; masks (B, N, H, W) one-hot of the real classes (dontcare pixels: all zero)."""
+        B, C, H, W = feat.shape
+        n_layers = len(self.weight)
+        if self.impl == "naive":
+            images = []
+            for c in range(self.num_classes):
+                m, i = masks[:, c:c + 1], torch.tensor([c], device=feat.device)
+                x = feat * m  # F_c, the class-masked feature
+                for j in range(n_layers):
+                    w, b = self.layer(j, i)
+                    x = F.conv2d(F.leaky_relu(x, 0.2), w[0], b[0], padding=1)
+                images.append(torch.tanh(x) * m)  # (B, 3, H, W)
+            return torch.stack(images, 1), torch.arange(self.num_classes, device=feat.device)
+        # classes present anywhere in the batch (one host sync); never empty, so every parameter stays in the
+        # graph even for an all-dontcare batch
+        idx = (masks.amax((0, 2, 3)) > 0).nonzero().squeeze(1)
+        if idx.numel() == 0:
+            idx = torch.zeros(1, dtype=torch.long, device=feat.device)
+        K, m = idx.numel(), masks[:, idx]  # (B, K, H, W)
+        # LeakyReLU(F * M_c) = LeakyReLU(F) * M_c for a 0/1 mask: one activation, then the K copies
+        x = (F.leaky_relu(feat, 0.2).unsqueeze(1) * m.unsqueeze(2)).flatten(1, 2)  # (B, K*C, H, W)
+        for j in range(n_layers):
+            w, b = self.layer(j, idx)
+            if j:
+                x = F.leaky_relu(x, 0.2)
+            x = F.conv2d(x, w.flatten(0, 1), b.flatten(), padding=1, groups=K)  # (B, K*in, H, W) -> (B, K*out, H, W)
+        return torch.tanh(x).unflatten(1, (K, 3)) * m.unsqueeze(2), idx  # (B, K, 3, H, W)
+
+
 # ----------------------------------------------------------------------------- config
 
 @dataclass
@@ -303,11 +416,11 @@ class ECGANConfig:
     num_upsampling_layers: str = "normal"  # GauGAN: "more" on Cityscapes
     upsample: str = "nearest"             # GauGAN trunk upsampler (any sau.make_upsampler name)
     upsample_low_res: bool = False        # GauGAN trunk: also its low-resolution upsamplers (gaugan.py)
-    sau_window: str = "expanded"          # GauGAN trunk SAU window: "expanded" | "input" (sau.py header)
     norm: str = "instance"                # SPADE's param-free norm (GauGAN)
     spade_hidden: int = 128               # SPADE's shared conv width (GauGAN)
     n_layers: int = 3                     # n convs in G_e and G_i (App. B)
     spectral: bool = True                 # spectral norm on every new G layer (App. B)
+    eq1_range: str = "paper"              # Eq. 1's I' as written, in [-2, 2] | "half": I'/2 | "tanh": tanh(I') (ours)
     # Table 3 ablation switches, cumulative in the paper (see TABLE3)
     use_edge: bool = True                 # G_e, edge generator (Sec. 3.1)
     use_transfer: bool = True             # G_t, attention guided edge transfer (Sec. 3.1, Eq. 1); needs use_edge
@@ -325,7 +438,9 @@ class ECGANConfig:
     max_anchors: int = 1024               # anchors per batch across images (pixel contrast literature)
     max_per_class: int = 100              # per-class anchor cap, class balance (pixel contrast literature)
     contrast_impl: str = "vectorized"     # "vectorized" | "naive" (loops like Eq. 5; tests only)
-    class_impl: str = "pixel"             # lggan.ClassGenerator: "pixel" (one conv's cost) | "vectorized" | "naive"
+    class_impl: str = "vectorized"        # G_c per-class convs: "vectorized" (present classes only) | "naive" (loop)
+    class_layers: int = 3                 # convs per class: "several" (Sec. 3.3); 3 = App. B's n for G_i, G_e, G_s
+    class_width: int = 16                 # their hidden width (ours: first layer's cost = LGGAN's 7x7 64->3 conv)
     class_to_gs: bool = False             # ours: also feed I_g into G_s (default: I_g is an auxiliary output)
     # multi-modal synthesis (App. C)
     use_vae: bool = False                 # style encoder + KL: different edges and images per layout (App. C)
@@ -369,6 +484,8 @@ class ECGANGenerator(nn.Module):
 
     def __init__(self, cfg, info):
         super().__init__()
+        if cfg.eq1_range not in EQ1_RANGES:
+            raise ValueError(f"ecgan.py: eq1_range={cfg.eq1_range!r}, expected one of {EQ1_RANGES}")
         if cfg.use_transfer and not cfg.use_edge:
             raise ValueError("ecgan.py: use_transfer (G_t) needs use_edge (G_e): it transfers the edge features")
         if info.task != "semantic":
@@ -385,7 +502,8 @@ class ECGANGenerator(nn.Module):
         self.edge_branch = Branch(nf, cfg.n_layers, cfg.spectral) if cfg.use_edge else None  # G_e
         if cfg.use_contrast:
             self.projection = ProjectionHead(nf, cfg.proj_dim, cfg.spectral)
-            self.class_generator = lggan.ClassGenerator(info.num_classes, nf, cfg.class_impl)
+            self.class_generator = ClassSpecificGenerator(info.num_classes, nf, cfg.class_layers, cfg.class_width,
+                                                          cfg.spectral, cfg.class_impl)
         if cfg.use_semantic:  # G_s input: F, I', I_e', S (+ I_g with class_to_gs); F' has C + N + 3 + 3 channels
             in_nc = nf + 3 + 3 * cfg.use_edge + info.input_nc + 3 * (cfg.use_contrast and cfg.class_to_gs)
             self.semantic = SemanticPreserving(in_nc, info.label_nc, nf + info.input_nc + 6, cfg.spectral)
@@ -419,11 +537,11 @@ class ECGANGenerator(nn.Module):
         if self.edge_branch is not None:
             out["edge"] = self.edge_branch.to_rgb(xe)  # I_e' (B, 3, H, W)
             if cfg.use_transfer:
-                img = attention_transfer(out["edge"], img)  # Eq. 1: I' = sigmoid(I_e') * I_i' + I_i'
+                img = edge_transfer_image(out["edge"], img, cfg.eq1_range)  # Eq. 1 (+ the eq1_range reading)
         out["intermediate"] = img
 
         if cfg.use_contrast:  # G_c on the shared feature F: Eqs. 6, 7
-            out["class_images"], out["class_idx"], _ = self.class_generator(feat, masks)  # (B, K, 3, H, W)
+            out["class_images"], out["class_idx"] = self.class_generator(feat, masks)  # (B, K, 3, H, W)
             out["class"] = out["class_images"].sum(1)  # Eq. 7: I_g = I_g1 + ... + I_gN (absent classes are 0)
             if aux:  # Eq. 5 inputs: class-balanced pixels from the whole batch, projected and labelled
                 labels = onehot.argmax(1).flatten()  # (B*H*W,), dontcare = num_classes

@@ -277,3 +277,139 @@ def test_similarity_loss_in_bf16_autocast_stays_finite():
         loss = ecgan.similarity_loss(pred.bfloat16(), target)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert loss.item() == pytest.approx(ecgan.similarity_loss(pred, target).item(), rel=2e-2)
+
+
+# ----------------------------------------------------------------------------- G_c class-specific generation (Eqs. 6, 7)
+
+def _class_inputs(N=6, C=4, B=2, H=10, W=12, classes=(0, 2, 5), seed=0):
+    """feat (B, C, H, W) and the real-class masks of a layout using `classes` and some dontcare (id N) pixels."""
+    g = torch.Generator().manual_seed(seed)
+    lab = torch.tensor(classes)[torch.randint(0, len(classes), (B, H, W), generator=g)]
+    lab[0, :2] = N  # dontcare: no class's mask
+    masks = F.one_hot(lab, N + 1)[..., :N].permute(0, 3, 1, 2).double()
+    return torch.randn(B, C, H, W, generator=g, dtype=torch.double), masks
+
+
+def test_class_generator_vectorized_equals_naive_forward_and_grad():
+    """Same weights and spectral-norm state: the present classes' images, the gradients of every parameter and
+    of F, and the power-iteration vectors after one training forward agree; absent classes (1, 3, 4) give zero
+    images and zero gradient rows, and the vectorized path leaves their vectors untouched."""
+    import copy
+    torch.manual_seed(0)
+    N = 6
+    feat, masks = _class_inputs(N)
+    gens = {"naive": ecgan.ClassSpecificGenerator(N, 4, layers=3, width=5, impl="naive").double()}
+    gens["vectorized"] = copy.deepcopy(gens["naive"])
+    gens["vectorized"].impl = "vectorized"
+    before = {k: v.clone() for k, v in gens["naive"].state_dict().items()}
+    res = {}
+    for impl, gen in gens.items():
+        f = feat.clone().requires_grad_(True)
+        images, idx = gen(f, masks)
+        target = torch.randn(images.shape[0], N, *images.shape[2:], generator=torch.Generator().manual_seed(1),
+                             dtype=torch.double)[:, idx]
+        ((images - target) ** 2).sum().backward()  # a loss that weighs every output pixel differently
+        res[impl] = (images, idx, f.grad)
+    (img_n, idx_n, gf_n), (img_v, idx_v, gf_v) = res["naive"], res["vectorized"]
+    assert idx_n.tolist() == list(range(N)) and idx_v.tolist() == [0, 2, 5]
+    torch.testing.assert_close(img_v, img_n[:, idx_v])
+    assert (img_n[:, [1, 3, 4]] == 0).all() and img_v.abs().sum() > 0
+    torch.testing.assert_close(gf_v, gf_n)
+    params_v = dict(gens["vectorized"].named_parameters())
+    for name, p in gens["naive"].named_parameters():
+        torch.testing.assert_close(params_v[name].grad, p.grad, msg=name)
+        assert (p.grad[[1, 3, 4]] == 0).all() and p.grad[[0, 2, 5]].abs().sum() > 0, name
+    state_v = gens["vectorized"].state_dict()
+    for name, t in gens["naive"].state_dict().items():
+        if name[0] in "uv":  # present classes' vectors moved alike; absent ones untouched by the vectorized path
+            torch.testing.assert_close(state_v[name][[0, 2, 5]], t[[0, 2, 5]], msg=name)
+            assert not torch.equal(t[[0, 2, 5]], before[name][[0, 2, 5]])
+            assert torch.equal(state_v[name][[1, 3, 4]], before[name][[1, 3, 4]])
+
+
+def test_class_generator_cost_is_that_of_the_present_classes():
+    """FLOPs (convs and spectral norm) of the vectorized path with 3 of 12 classes present == those of a 3-class
+    generator, forward and backward: absent classes cost nothing. The naive loop's forward pays for all 12
+    (exactly 4x; its backward is not compared: the counter books grouped-conv backward at twice the FLOPs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(gen, feat, masks, backward=True):
+        with FlopCounterMode(display=False) as counter:
+            out = gen(feat, masks)[0].sum()
+            if backward:
+                out.backward()
+        return counter.get_total_flops()
+
+    feat, masks = _class_inputs(12, classes=(1, 6, 11))
+    feat.requires_grad_(True)
+    big = ecgan.ClassSpecificGenerator(12, 4, layers=3, width=5).double()
+    small = ecgan.ClassSpecificGenerator(3, 4, layers=3, width=5).double()
+    assert flops(big, feat, masks) == flops(small, feat, masks[:, [1, 6, 11]]) > 0
+    f_fast = flops(big, feat, masks, backward=False)
+    big.impl = "naive"
+    assert flops(big, feat, masks, backward=False) == 4 * f_fast
+
+
+def test_class_generator_spectral_norm_on_every_conv():
+    """App. B: once power iteration has converged, every class's every conv is its raw weight divided by that
+    class's own largest singular value (W / sigma_max(W_c)); and the model builds G_c with the configured depth
+    and width."""
+    torch.manual_seed(0)
+    N, C = 3, 4
+    gen = ecgan.ClassSpecificGenerator(N, C, layers=3, width=5).double()
+    feat, masks = _class_inputs(N, C, classes=(0, 1, 2))
+    with torch.no_grad():
+        for _ in range(50):  # one power iteration per forward in training mode
+            gen(feat, masks)
+    gen.eval()
+    idx = torch.arange(N)
+    shapes = []
+    for j in range(3):
+        w, _ = gen.layer(j, idx)
+        shapes.append(tuple(w.shape))
+        raw = gen.weight[j].detach()
+        sigma = torch.linalg.matrix_norm(raw.flatten(2), ord=2)  # (N,) each class's largest singular value
+        torch.testing.assert_close(w.detach(), raw / sigma.view(-1, 1, 1, 1, 1), rtol=1e-4, atol=0)
+    assert shapes == [(N, 5, C, 3, 3), (N, 5, 5, 3, 3), (N, 3, 5, 3, 3)]
+    assert (sigma - 1).abs().min() > 0.05  # the raw weights are far from normalised: SN did it
+    cfg, info = tiny(class_layers=2, class_width=7)
+    G, _ = ecgan.build(cfg, info)
+    assert [tuple(w.shape) for w in G.class_generator.weight] == [(4, 7, 8, 3, 3), (4, 3, 7, 3, 3)]
+    assert G.class_generator.spectral and hasattr(G.class_generator, "u1")
+
+
+def test_class_generator_bad_impl_names_it():
+    with pytest.raises(ValueError, match="class_impl='pixel'"):
+        ecgan.build(*tiny(class_impl="pixel"))
+
+
+# ----------------------------------------------------------------------------- Eq. 1 range readings
+
+def test_eq1_range_readings_hand_set():
+    edge = torch.tensor([0.0, 100.0, -100.0, 0.0])  # sigmoid: 0.5, 1, 0, 0.5
+    img = torch.tensor([1.0, 1.0, -1.0, -0.5])  # I_i', a tanh output
+    paper = torch.tensor([1.5, 2.0, -1.0, -0.75])  # sigmoid(I_e') * I_i' + I_i'
+    torch.testing.assert_close(ecgan.edge_transfer_image(edge, img, "paper"), paper)
+    torch.testing.assert_close(ecgan.edge_transfer_image(edge, img, "half"), paper / 2)
+    torch.testing.assert_close(ecgan.edge_transfer_image(edge, img, "tanh"), torch.tanh(paper))
+
+
+def test_eq1_range_half_keeps_the_model_output_in_image_range():
+    """Without G_s I' is the output (Table 3 row E+G_i+G_e+G_t): with eq1_range="half" it is the paper's I' / 2,
+    inside [-1, 1]; the paper's I' leaves it for these weights (edge branch pushed to sigmoid ~ 1)."""
+    row = dict(ecgan.TABLE3["E+G_i+G_e+G_t"])
+    outs = {}
+    for mode in ("paper", "half"):
+        torch.manual_seed(0)
+        cfg, info = tiny(eq1_range=mode, **row)
+        G, _ = ecgan.build(cfg, info)
+        with torch.no_grad():  # I_i' = tanh(~5) ~ 1 and I_e' ~ 1, so I' ~ 1 + sigmoid(1) > 1.5
+            G.image_branch.out.bias.fill_(5)
+            G.edge_branch.out.bias.fill_(50)
+        outs[mode] = G.eval()(tiny_batch(info)["input"], aux=False)
+    paper, half = outs["paper"], outs["half"]
+    torch.testing.assert_close(half["fake"], half["intermediate"])
+    torch.testing.assert_close(half["intermediate"], paper["intermediate"] / 2)
+    assert half["fake"].abs().max() <= 1 and paper["fake"].abs().max() > 1.5
+    with pytest.raises(ValueError, match="eq1_range='clamp'"):
+        ecgan.build(*tiny(eq1_range="clamp"))
