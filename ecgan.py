@@ -416,6 +416,7 @@ class ECGANConfig:
     num_upsampling_layers: str = "normal"  # GauGAN: "more" on Cityscapes
     upsample: str = "nearest"             # GauGAN trunk upsampler (any sau.make_upsampler name)
     upsample_low_res: bool = False        # GauGAN trunk: also its low-resolution upsamplers (gaugan.py)
+    sau_window: str = "expanded"          # GauGAN trunk SAU window: "expanded" | "input" (sau.py header)
     norm: str = "instance"                # SPADE's param-free norm (GauGAN)
     spade_hidden: int = 128               # SPADE's shared conv width (GauGAN)
     n_layers: int = 3                     # n convs in G_e and G_i (App. B)

@@ -12,7 +12,8 @@ Semantic image synthesis (Fig. 2, Sec. 3.3): a parameter-sharing encoder E (Sec.
 judged by the semantic-guided discriminator D_s (Eq. 9) on the fused, global and local results.
 Cross-view translation (Sec. 4.1.1, Table 4): a ResNet generator on concat(I_a, S_g) with global, local and
 weight-map decoders, judged by D_s on concat(S_g, image) and D_i on concat(I_a, image) (Eq. 10).
-LGGAN++ = LGGAN with every upsampling layer an SAU (sau.py, Sec. 3.2): `upsample="sau"`.
+LGGAN++ = LGGAN with semantic-aware upsampling (sau.py, Sec. 3.2): `upsample="sau"`; which layers become SAUs
+is `sau_placement` (Upsampling, below).
 
 Map of this file
     ResBlock, up_block, Encoder     building blocks; E of Sec. 3.1
@@ -41,11 +42,25 @@ W_g = W_l = 1/2): the paper does not say how B2-B4 combine them.
 Cross-view translation keeps the fixed structure of Sec. 4.1.1 (sum fusion, weight map, no class CE); the
 switches are for Table 9.
 
-Upsampling (`upsample`): the global trunk always uses sau.make_upsampler(upsample). The local and
-weight-map branches (and the cross-view decoders) use the paper's / public code's 3x3 stride-2 transposed
-convs when upsample is "nearest" (the published LGGAN: GauGAN's nearest trunk + transposed-conv branches,
-Sec. 3.3) or "deconv"; any other name (e.g. "sau" = LGGAN++) gives that upsampler followed by a 3x3 conv
-(same parameter count as the transposed conv plus the upsampler's own).
+Upsampling (`upsample`, `upsample_low_res`, `sau_placement`, `sau_window`). LGGAN (upsample="nearest", the
+public code): the global trunk is GauGAN's (nearest x2 after head_0, [G_middle_0,] G_middle_1, up_0, up_1,
+up_2); G_l and G_w (and the cross-view decoders) each have two up blocks, a 3x3 stride-2 transposed conv
+(4ngf -> 2ngf -> ngf), IN, ReLU. LGGAN++ says only that SAU replaces "the upsampling layers" (Sec. 4.2) while
+Sec. 3.1 / Fig. 2 put one SAU between E and the three branches, f' = SAU(f); both are built:
+    sau_placement="upsamplers" (default): the trunk as GauGAN+SAU (gaugan.py: nearest, [nearest,] SAU x4, the
+        low-resolution ones stay nearest as in Table 12's 93.4M; `upsample_low_res` makes them SAUs too), and
+        every up block of G_l / G_w is a 3x3 conv THEN the SAU (on cout channels; conv first: it runs on a
+        quarter of the pixels and the SAU on the narrower tensor, as the transposed conv changes channels
+        while it upsamples). Any other upsample name is placed the same way; "deconv" keeps the transposed
+        convs. The code the default reproduces: Cityscapes 111.40M (LGGAN 110.79M).
+    sau_placement="encoder" (upsample="sau" only): f = E's H/4 map (4ngf, the map E hands G_l and G_w), and
+        f' = SAU(f) (4ngf, H/2) is read by all three branches: G_l and G_w with their first up block at
+        stride 1 (a 3x3 conv, the transposed conv's parameters), G_g through E's two deeper stride-2 convs
+        (its path from E, now from f', to 16ngf at H/8, resized to the trunk's start). Everything else is
+        LGGAN's (nearest trunk, transposed convs), so the count is LGGAN's plus one SAU at 4ngf channels.
+        (f at H/4, f' at H/2: Fig. 4 doubles f; G_w's two stride-2 convs in Sec. 3.3 imply its input at H/4,
+        which would put f at H/8 with 8ngf channels, a map no branch reads in the public code.)
+`sau_window` ("expanded" | "input", sau.py's header) reaches every SAU built, in both placements.
 
 Choices where the paper and the public code are silent or buggy (each is named where it is made):
     - each class image is multiplied by its mask again, tanh(conv_c(F_c)) * M_c: Eq. 3 trains it to zero
@@ -90,16 +105,46 @@ class ResBlock(nn.Module):
         return x + self.body(x)
 
 
-def up_block(cin, cout, upsample):
+def up_block(cin, cout, upsample, window="expanded", scale=2):
     """x2 upsampling cin -> cout, then IN and ReLU: (B, cin, H, W) -> (B, cout, 2H, 2W).
-    "nearest"/"deconv": the public code's 3x3 stride-2 transposed conv; else a 3x3 conv, then the named
+    "nearest"/"deconv": the public code's 3x3 stride-2 transposed conv; else a 3x3 conv, THEN the named
     upsampler on its cout channels (conv first: it runs on a quarter of the pixels, and the upsampler on the
-    narrower tensor; a transposed conv likewise changes channels as it upsamples)."""
-    if upsample in ("nearest", "deconv"):
+    narrower tensor; a transposed conv likewise changes channels as it upsamples). window: SAU's window.
+    scale=1: the 3x3 conv alone, no upsampling (after the shared SAU of sau_placement="encoder")."""
+    if scale == 1:
+        layers = [nn.Conv2d(cin, cout, 3, padding=1)]   # the parameters of the transposed conv
+    elif scale != 2:
+        raise ValueError(f"lggan.py: up_block scale={scale!r}, expected 1 or 2")
+    elif upsample in ("nearest", "deconv"):
         layers = [nn.ConvTranspose2d(cin, cout, 3, stride=2, padding=1, output_padding=1)]
     else:
-        layers = [nn.Conv2d(cin, cout, 3, padding=1), gaugan.make_upsampler(upsample, cout, scale=2)]
+        layers = [nn.Conv2d(cin, cout, 3, padding=1), gaugan.make_upsampler(upsample, cout, scale=2, window=window)]
     return nn.Sequential(*layers, nn.InstanceNorm2d(cout), nn.ReLU())
+
+
+def branch_up(ngf, upsample, window="expanded", pre_upsampled=False):
+    """The two up blocks of G_l, G_w and the cross-view decoders: (B, 4ngf, h, w) -> (B, ngf, 4h, 4w), or
+    (B, ngf, 2h, 2w) when the input is already f' = SAU(f) (pre_upsampled: the first block keeps the size)."""
+    return nn.Sequential(up_block(4 * ngf, 2 * ngf, upsample, window, 1 if pre_upsampled else 2),
+                         up_block(2 * ngf, ngf, upsample, window))
+
+
+SAU_PLACEMENTS = ("upsamplers", "encoder")
+
+
+def sau_placement(cfg):
+    """(upsampler name of the trunk and branches, whether one SAU follows E); the header's Upsampling."""
+    if cfg.sau_placement not in SAU_PLACEMENTS:
+        raise ValueError(f"lggan.py: sau_placement={cfg.sau_placement!r}, expected one of {SAU_PLACEMENTS}")
+    if cfg.sau_placement == "upsamplers":
+        return cfg.upsample, False
+    if cfg.upsample != "sau":
+        raise ValueError(f"lggan.py: sau_placement='encoder' puts one SAU after E (Sec. 3.1) and needs "
+                         f"upsample='sau', got upsample={cfg.upsample!r}")
+    if cfg.upsample_low_res:
+        raise ValueError("lggan.py: upsample_low_res replaces trunk upsamplers, which sau_placement='encoder' "
+                         "leaves nearest; use sau_placement='upsamplers'")
+    return "nearest", True
 
 
 class Encoder(nn.Module):
@@ -115,11 +160,13 @@ class Encoder(nn.Module):
             nn.Sequential(nn.Conv2d(a, b, 3, stride=2, padding=1), nn.InstanceNorm2d(b), nn.ReLU())
             for a, b in zip(w[:-1], w[1:]))
 
-    def forward(self, x):
+    def forward(self, x, sau=None):
         x = self.stem(x)                      # (B, L, H, W) -> (B, ngf, H, W)
         feats = []
-        for down in self.down:
+        for i, down in enumerate(self.down):
             x = down(x)
+            if i == 1 and sau is not None:    # sau_placement="encoder" (Sec. 3.1): f' = SAU(f), f the H/4 map;
+                x = sau(x)                    # (B, 4ngf, H/4, W/4) -> (B, 4ngf, H/2, W/2), then H/8 for G_g
             feats.append(x)
         return feats[1], feats[3]             # (B, 4ngf, H/4, W/4) for G_l and G_w; (B, 16ngf, H/16, W/16) for G_g
 
@@ -251,11 +298,12 @@ class LocalGenerator(nn.Module):
     """G_l: residual blocks on E's H/4 feature, two x2 up blocks to a ngf-channel full-resolution f',
     per-class generation, fusion (Eq. 4 sum or Eq. 5 conv + tanh), classification module (Eq. 6)."""
 
-    def __init__(self, num_classes, ngf, n_res, upsample, conv_fusion, cls_loss, impl, cls_pool="class"):
+    def __init__(self, num_classes, ngf, n_res, upsample, conv_fusion, cls_loss, impl, cls_pool="class",
+                 window="expanded", pre_upsampled=False):
         super().__init__()
         self.num_classes = num_classes
         self.res = nn.Sequential(*[ResBlock(4 * ngf) for _ in range(n_res)])
-        self.up = nn.Sequential(up_block(4 * ngf, 2 * ngf, upsample), up_block(2 * ngf, ngf, upsample))
+        self.up = branch_up(ngf, upsample, window, pre_upsampled)
         self.classes = ClassGenerator(num_classes, ngf, impl, cls_pool)
         self.fuse = nn.Conv2d(3 * num_classes, 3, 3, padding=1) if conv_fusion else None     # Eq. 5
         self.classifier = nn.Linear(ngf, num_classes) if cls_loss else None                 # Eq. 6's f(.)
@@ -280,9 +328,9 @@ class WeightMap(nn.Module):
     """G_w (Eq. 7): two x2 up blocks (-> 2ngf, ngf) on E's H/4 feature, 1x1 conv -> 2, channel softmax.
     The paper puts IN + ReLU after the 2-channel conv too; we feed the raw logits to the softmax."""
 
-    def __init__(self, ngf, upsample):
+    def __init__(self, ngf, upsample, window="expanded", pre_upsampled=False):
         super().__init__()
-        self.up = nn.Sequential(up_block(4 * ngf, 2 * ngf, upsample), up_block(2 * ngf, ngf, upsample))
+        self.up = branch_up(ngf, upsample, window, pre_upsampled)
         self.conv = nn.Conv2d(ngf, 2, 1)
 
     def forward(self, f4):
@@ -298,6 +346,9 @@ class LGGANConfig:
     num_upsampling_layers: str = "normal"  # GauGAN trunk: "normal" | "more" (Cityscapes, public code)
     upsample: str = "nearest"             # sau.make_upsampler name; "sau" = LGGAN++ (Sec. 3.2, Table 12)
     upsample_low_res: bool = False        # GauGAN trunk: also its low-resolution upsamplers (gaugan.py)
+    sau_placement: str = "upsamplers"     # with upsample="sau": "upsamplers" (Sec. 4.2, Table 12's) | "encoder"
+                                          # (Sec. 3.1 / Fig. 2: f' = SAU(f) after E, shared) (header)
+    sau_window: str = "expanded"          # SAU window: "expanded" (SAFU text) | "input" (Z(l, k)) (sau.py)
     norm: str = "instance"                # SPADE param-free norm of the trunk (GauGAN)
     spade_hidden: int = 128               # SPADE's shared conv width (GauGAN)
     n_res: int = 9                        # residual blocks of G_l / the cross-view generator (public code)
@@ -344,18 +395,23 @@ class LGGANGenerator(nn.Module):
     def __init__(self, cfg, info):
         super().__init__()
         self.num_classes = info.num_classes
+        up, shared = sau_placement(cfg)  # the header's Upsampling
         self.encoder = Encoder(info.input_nc, cfg.ngf)
+        self.shared_sau = gaugan.make_upsampler("sau", 4 * cfg.ngf, 2, cfg.sau_window) if shared else None
         # GauGAN trunk without its first conv: E's 16ngf feature replaces it (widths match at any ngf)
-        self.global_gen = gaugan.GauGANGenerator(gaugan.backbone_config(cfg), info.input_nc, info.height,
-                                                 info.width, head=False)
-        self.local_gen = (LocalGenerator(info.num_classes, cfg.ngf, cfg.n_res, cfg.upsample, cfg.conv_fusion,
-                                         cfg.cls_loss, cfg.impl, cfg.cls_pool) if cfg.local else None)
-        self.weight_map = WeightMap(cfg.ngf, cfg.upsample) if cfg.local and cfg.weight_map else None
+        gcfg = gaugan.backbone_config(cfg)
+        gcfg.upsample = up
+        self.global_gen = gaugan.GauGANGenerator(gcfg, info.input_nc, info.height, info.width, head=False)
+        self.local_gen = (LocalGenerator(info.num_classes, cfg.ngf, cfg.n_res, up, cfg.conv_fusion,
+                                         cfg.cls_loss, cfg.impl, cfg.cls_pool, window=cfg.sau_window,
+                                         pre_upsampled=shared) if cfg.local else None)
+        self.weight_map = (WeightMap(cfg.ngf, up, window=cfg.sau_window, pre_upsampled=shared)
+                           if cfg.local and cfg.weight_map else None)
 
     def forward(self, input, onehot):
         """input (B, input_nc, H, W) label map (+ instance edges); onehot (B, label_nc, H, W).
         Returns a dict: fake, global [, local, class_images, class_idx, cls_loss, weights (B, 2, H, W)]."""
-        f4, f16 = self.encoder(input)
+        f4, f16 = self.encoder(input, self.shared_sau)              # sau_placement="encoder": f4 = f' at H/2
         gg = self.global_gen
         # (B, 16ngf, H/16, W/16) -> (B, 16ngf, sh, sw), nearest like GauGAN's resize of the label map
         x = F.interpolate(f16, size=(gg.sh, gg.sw), mode="nearest")
@@ -381,14 +437,16 @@ class CrossViewGenerator(nn.Module):
 
     def __init__(self, cfg, info, in_channels=6):
         super().__init__()
-        ngf, up = cfg.ngf, cfg.upsample
+        ngf = cfg.ngf
+        up, shared = sau_placement(cfg)  # "encoder": f' = SAU(encoder output), read by the three decoders
         self.num_classes = info.num_classes
         self.encoder = nn.Sequential(
             nn.ReflectionPad2d(3), nn.Conv2d(in_channels, ngf, 7), nn.InstanceNorm2d(ngf), nn.ReLU(),
             nn.Conv2d(ngf, 2 * ngf, 3, stride=2, padding=1), nn.InstanceNorm2d(2 * ngf), nn.ReLU(),
             nn.Conv2d(2 * ngf, 4 * ngf, 3, stride=2, padding=1), nn.InstanceNorm2d(4 * ngf), nn.ReLU(),
             *[ResBlock(4 * ngf) for _ in range(cfg.n_res)])
-        decoder = lambda: nn.Sequential(up_block(4 * ngf, 2 * ngf, up), up_block(2 * ngf, ngf, up))
+        self.shared_sau = gaugan.make_upsampler("sau", 4 * ngf, 2, cfg.sau_window) if shared else None
+        decoder = lambda: branch_up(ngf, up, cfg.sau_window, shared)
         self.global_dec = nn.Sequential(decoder(), nn.ReflectionPad2d(3), nn.Conv2d(ngf, 3, 7), nn.Tanh())
         self.local_dec = decoder()
         self.classes = ClassGenerator(info.num_classes, ngf, cfg.impl)
@@ -396,6 +454,8 @@ class CrossViewGenerator(nn.Module):
 
     def forward(self, input, onehot):
         x = self.encoder(input)                            # (B, 6, H, W) -> (B, 4ngf, H/4, W/4)
+        if self.shared_sau is not None:
+            x = self.shared_sau(x)                         # f' (B, 4ngf, H/2, W/2)
         images, idx, _ = self.classes(self.local_dec(x), onehot[:, :self.num_classes])
         w = torch.softmax(self.weight_dec(x), 1)           # Eq. 7
         out = {"global": self.global_dec(x), "local": images.sum(1), "class_images": images, "class_idx": idx,

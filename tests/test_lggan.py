@@ -188,8 +188,8 @@ def test_masked_l1_is_the_sum_of_per_class_l1_losses():
 
 
 def test_branch_upsampling_rule():
-    """'nearest' keeps the public code's transposed convs in G_l and G_w; other names put the named upsampler
-    before a 3x3 conv of the same size, so a parameter-free upsampler leaves the count unchanged."""
+    """'nearest' keeps the public code's transposed convs in G_l and G_w; other names put a 3x3 conv of the same
+    size before the named upsampler, so a parameter-free upsampler leaves the count unchanged."""
     info = semantic_info()
     nets = {u: build(lggan.Config(upsample=u, **TINY), info)[0] for u in ("nearest", "bilinear")}
     for part in (nets["nearest"].local_gen.up, nets["nearest"].weight_map.up):
@@ -324,6 +324,85 @@ def test_ddp_step_two_processes_without_unused_parameters():
         g0, g1 = (torch.load(os.path.join(tmp, f"grad.{r}")) for r in range(2))
     assert torch.equal(g0, g1)                                  # all-reduced
     assert (g0.flatten(1).abs().sum(1) > 0).all()               # the union of both ranks' classes: all 5
+
+
+# ----------------------------------------------------------------------------- where the upsamplers are
+
+def upsampler_calls(G, info, B=1):
+    """(type name, input channels) of every upsampling layer (nearest, transposed conv, SAU) in call order during
+    one forward (E, [shared SAU,] G_g's trunk, G_l, G_w); asserts each one doubles the height and width."""
+    import sau
+    calls = []
+
+    def hook(m, inp, out):
+        assert out.shape[2:] == (2 * inp[0].shape[2], 2 * inp[0].shape[3]), type(m).__name__
+        calls.append((type(m).__name__, inp[0].shape[1]))
+    kinds = (torch.nn.Upsample, torch.nn.ConvTranspose2d, sau.SAU)
+    hooks = [m.register_forward_hook(hook) for m in G.modules() if isinstance(m, kinds)]
+    g = torch.Generator().manual_seed(0)
+    label = torch.randint(0, info.num_classes, (B, info.height, info.width), generator=g)
+    onehot = F.one_hot(label, info.label_nc).permute(0, 3, 1, 2).float()
+    with torch.no_grad():
+        G(torch.cat([onehot, torch.zeros(B, info.input_nc - info.label_nc, info.height, info.width)], 1), onehot)
+    for h in hooks:
+        h.remove()
+    return calls
+
+
+@pytest.mark.parametrize("ups", ["normal", "more"])
+def test_upsamplers_in_order_per_placement(ups):
+    """ngf = 4: the trunk's upsamplers see 16ngf = 64, 64, 32, 16, 8 channels (one more 64 in 'more'); G_l's and
+    G_w's blocks go 4ngf = 16 -> 8 -> 4. The SAUs in the branches see the conv's output channels (8, 4): the
+    conv comes first. sau_placement="encoder": one SAU on E's 16-channel H/4 map, then LGGAN's upsamplers, the
+    branches' first block at stride 1 (no upsampler), so one transposed conv each."""
+    h, w = (32, 64) if ups == "normal" else (64, 128)
+    info = data.DataInfo("t", 5, False, True, h, w)
+    trunk = [64] * (2 if ups == "more" else 1) + [64, 32, 16, 8]
+    near = [("Upsample", c) for c in trunk]
+    want = {
+        ("nearest", "upsamplers"): near + [("ConvTranspose2d", 16), ("ConvTranspose2d", 8)] * 2,
+        ("sau", "upsamplers"): near[:len(trunk) - 4] + [("SAU", c) for c in trunk[-4:]] + [("SAU", 8), ("SAU", 4)] * 2,
+        ("sau", "encoder"): [("SAU", 16)] + near + [("ConvTranspose2d", 8)] * 2,
+    }
+    for (upsample, placement), calls in want.items():
+        cfg = lggan.Config(upsample=upsample, sau_placement=placement, num_upsampling_layers=ups, **TINY)
+        G = build(cfg, info)[0]
+        assert upsampler_calls(G, info) == calls, (upsample, placement)
+
+
+@pytest.mark.parametrize("placement", lggan.SAU_PLACEMENTS)
+def test_sau_window_reaches_every_sau(placement):
+    import sau
+    for window in sau.WINDOWS:
+        for info in (semantic_info(), crossview_info()):
+            cfg = lggan.Config.for_task(info.task, upsample="sau", sau_placement=placement, sau_window=window,
+                                        **TINY)
+            gen = lggan.LGGANGenerator if info.task == "semantic" else lggan.CrossViewGenerator
+            G = gen(cfg, info)
+            saus = [m for m in G.modules() if isinstance(m, sau.SAU)]
+            assert saus and all(m.window == window for m in saus), (placement, window, info.task)
+
+
+def test_encoder_placement_adds_one_sau_and_runs():
+    """f' = SAU(f) after E, shared: LGGAN's parameters plus one SAU on 4ngf channels; both tasks train a step."""
+    import sau
+    for info, batch in ((semantic_info(), None), (crossview_info(), None)):
+        lg, pp = (lggan.Config.for_task(info.task, upsample=u, sau_placement=p, **TINY)
+                  for u, p in (("nearest", "upsamplers"), ("sau", "encoder")))
+        G0, G = build(lg, info)[0], build(pp, info)[0]
+        assert lggan.count_params(G) == lggan.count_params(G0) + lggan.count_params(sau.SAU(4 * TINY["ngf"]))
+        make = semantic_batch if info.task == "semantic" else crossview_batch
+        G, D = build(pp, info)
+        loss, _ = lggan.g_step(G, D, make(info, labels()), pp)
+        loss.backward()
+        grads_ok(G)
+        assert G.shared_sau.compress.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="sau_placement='encoder'.*upsample='nearest'"):
+        build(lggan.Config(sau_placement="encoder", **TINY), semantic_info())
+    with pytest.raises(ValueError, match="sau_placement='fig2'"):
+        build(lggan.Config(upsample="sau", sau_placement="fig2", **TINY), semantic_info())
+    with pytest.raises(ValueError, match="upsample_low_res"):
+        build(lggan.Config(upsample="sau", sau_placement="encoder", upsample_low_res=True, **TINY), semantic_info())
 
 
 @pytest.mark.parametrize("impl", lggan.IMPLS)
