@@ -263,17 +263,27 @@ def _contrast_vectorized(z, labels, t):
 
 # ----------------------------------------------------------------------------- similarity loss (Sec. 3.2, Eq. 3)
 
-def similarity_loss(pred, target, impl="chunked", chunk=1024, eps=1e-6):
-    """Eq. 3: mean BCE between A = S^T S and A'' = S''^T S'' (both M x M, M = H*W), batch-averaged.
+SIM_IMPLS = ("naive", "chunked", "checkpoint")
 
-    pred (B, N, H, W) class probabilities (S'', the label generator's softmax); target (B, N, H, W)
-    one-hot (S), so A is 1 where two pixels share a class and 0 elsewhere. The paper writes S S^T with
-    S reshaped to N x M; the M x M map it describes is S^T S in that layout. "naive" materialises the
-    M x M maps; "chunked" computes `chunk` rows at a time under activation checkpointing, so neither the
-    forward nor the saved-for-backward memory grows with M^2 (only O(chunk * M)).
+
+def similarity_loss(pred, target, impl="chunked", chunk=1024, eps=1e-6):
+    """Eq. 3: BCE between A = S^T S and A'' = S''^T S'' over the pairs of labelled pixels, per image, then
+    averaged over the images.
+
+    pred (B, N, H, W) class probabilities (S'', the label generator's softmax); target (B, N, H, W) one-hot (S),
+    so A is 1 where two pixels share a class and 0 elsewhere. The paper writes S S^T with S reshaped to N x M;
+    the M x M map it describes is S^T S in that layout. A target row of zeros marks an unlabelled (dontcare)
+    pixel: it has no class, so it takes part in no pair (G_l is trained to ignore such pixels; counting them
+    would make any two of them "the same class"). Image b's loss is the mean of Eq. 3's terms over its V_b^2
+    ordered pairs of labelled pixels (i = j included, as in Eq. 3's M^2); the batch's the mean over the images
+    with V_b > 0. An unlabelled image adds nothing; an unlabelled batch gives a zero that keeps the graph.
+    impl: "naive" materialises the M x M maps (Eq. 3 as written, with a pair mask); "chunked" takes each image's
+    labelled pixels `chunk` rows of the maps at a time and computes the gradient in the same pass
+    (_SimilarityBCE), memory O(chunk * M); "checkpoint" the same rows under activation checkpointing (the
+    previous implementation: it recomputes every chunk in backward; kept for the benchmark).
     """
-    if impl not in ("naive", "chunked"):
-        raise ValueError(f"ecgan.similarity_loss: impl must be 'naive' or 'chunked', got {impl!r}")
+    if impl not in SIM_IMPLS:
+        raise ValueError(f"ecgan.similarity_loss: impl must be one of {SIM_IMPLS}, got {impl!r}")
     if pred.shape != target.shape or pred.dim() != 4:
         raise ValueError(f"ecgan.similarity_loss: pred and target must both be (B, N, H, W), got "
                          f"{tuple(pred.shape)} and {tuple(target.shape)}")
@@ -281,33 +291,99 @@ def similarity_loss(pred, target, impl="chunked", chunk=1024, eps=1e-6):
     with torch.autocast(pred.device.type, enabled=False):  # 1 - eps rounds to 1 in bf16: keep float32
         dtype = torch.float32 if pred.dtype in (torch.float16, torch.bfloat16) else pred.dtype
         p = pred.reshape(B, N, -1).to(dtype)  # (B, N, M)
-        M = p.shape[-1]
-        if impl == "naive":  # Eq. 3 as written
-            s = target.reshape(B, N, -1).to(dtype)
+        s = target.reshape(B, N, -1).to(dtype)
+        labelled = s.sum(1)  # (B, M): 1 labelled, 0 dontcare
+        if not ((labelled == 0) | (labelled == 1)).all() or not ((s == 0) | (s == 1)).all():
+            raise ValueError("ecgan.similarity_loss: target must be one-hot per pixel (or all zero for an "
+                             "unlabelled pixel); got other values")
+        n = labelled.sum(1)  # (B,) V_b
+        if impl == "naive":  # Eq. 3 as written, over the pairs whose two ends are labelled
             a = s.transpose(1, 2) @ s  # (B, M, M), A in {0, 1}
             q = (p.transpose(1, 2) @ p).clamp(eps, 1 - eps)  # A''; <= 1 by Cauchy-Schwarz
-            return -(a * q.log() + (1 - a) * (1 - q).log()).sum() / (B * M * M)
-        # A is binary (target one-hot), so each BCE term is -log(q) or -log(1 - q): one log, and A's rows come
-        # from comparing class ids instead of a matmul
-        lab = target.reshape(B, N, -1).argmax(1)  # (B, M)
-        total = p.new_zeros(())
-        for r0 in range(0, M, chunk):
-            rows = slice(r0, r0 + chunk)
-            # checkpoint: the (B, chunk, M) tiles are recomputed in backward instead of saved
-            total = total + checkpoint(_sim_bce_rows, p[..., rows], lab[:, rows], p, lab, eps, use_reentrant=False)
-        return total / (B * M * M)
+            pairs = labelled[:, :, None] * labelled[:, None, :]  # (B, M, M)
+            bce = -((a * q.log() + (1 - a) * (1 - q).log()) * pairs).sum((1, 2))
+            has = n > 0
+            return (bce[has] / n[has] ** 2).mean() if has.any() else p.sum() * 0.0
+        # A is binary, so each BCE term is -log(q) or -log(1 - q): one log, and A's rows come from comparing
+        # class ids instead of a matmul
+        lab = s.argmax(1)  # (B, M)
+        losses = []
+        for b in range(B):
+            keep = labelled[b].nonzero().squeeze(1)
+            V = len(keep)
+            if V == 0:
+                continue
+            pb, lb = (p[b], lab[b]) if V == p.shape[-1] else (p[b][:, keep], lab[b][keep])  # (N, V), (V,)
+            if impl == "chunked":
+                total = _SimilarityBCE.apply(pb, lb, chunk, eps)
+            else:  # the (chunk, V) tiles are recomputed in backward instead of saved
+                total = sum(checkpoint(_sim_bce_rows, pb[:, r:r + chunk], lb[r:r + chunk], pb, lb, eps,
+                                       use_reentrant=False) for r in range(0, V, chunk))
+            losses.append(total / V**2)
+        return torch.stack(losses).mean() if losses else p.sum() * 0.0
 
 
 def _sim_bce_rows(p_rows, lab_rows, p, lab, eps):
-    q = (p_rows.transpose(1, 2) @ p).clamp(eps, 1 - eps)  # (B, r, M) rows of A''
-    same = lab_rows[:, :, None] == lab[:, None, :]  # (B, r, M) rows of A
+    """Sum of Eq. 3's terms over rows `p_rows` (N, r) of one image's maps against all its pixels p (N, V)."""
+    q = (p_rows.t() @ p).clamp(eps, 1 - eps)  # (r, V) rows of A''
+    same = lab_rows[:, None] == lab[None, :]  # (r, V) rows of A
     return -torch.where(same, q, 1 - q).log().sum()
+
+
+def _sim_blocks(p, lab, eps, starts, chunk, need_grad):
+    """Eq. 3's summed terms over the row blocks [r, r + chunk) of one image's V x V maps, and their gradient.
+    With s = q - 1 for pairs of different classes and s = q for the same class, each term is -log|s| and its
+    derivative in q is -1/s (zero where the clamp to [eps, 1 - eps] holds q, as torch's clamp). That matrix G is
+    symmetric (q_ij = p_i . p_j = q_ji, A too), so dL/dp_i = sum_j G_ij p_j + sum_j G_ji p_j = 2 sum_j G_ij p_j:
+    the rows of a block give their own pixels' gradient whole. Every block reuses the same (chunk, V) buffers.
+    p (N, V), lab (V,) -> (sum, grad (N, V) or None)."""
+    N, V = p.shape
+    rows = min(chunk, V)
+    q_buf, diff_buf, abs_buf = (p.new_empty(rows, V) for _ in range(3))
+    total = p.new_zeros(())
+    grad = p.new_empty(N, V) if need_grad else None
+    for r in starts:
+        n = min(chunk, V - r)
+        q, diff, s_abs = q_buf[:n], diff_buf[:n], abs_buf[:n]
+        torch.matmul(p[:, r:r + n].t(), p, out=q)  # (n, V) rows of A''
+        held = None  # where the clamp holds q: no gradient there; found only if some q is out of range
+        if need_grad:
+            lo, hi = torch.aminmax(q)
+            held = (q < eps) | (q > 1 - eps) if lo < eps or hi > 1 - eps else None
+        torch.ne(lab[r:r + n, None], lab[None, :], out=diff)  # (n, V) rows of 1 - A
+        s = q.clamp_(eps, 1 - eps).sub_(diff)  # q (same class) or q - 1 (different)
+        total = total - torch.abs(s, out=s_abs).log_().sum()  # Eq. 3's terms, -log|s|
+        if need_grad:
+            g = s.reciprocal_()  # -dL/dq
+            if held is not None:
+                g.masked_fill_(held, 0.0)
+            torch.matmul(p, g.t(), out=grad[:, r:r + n])  # (N, V) @ (V, n) -> (N, n)
+    return total, grad.mul_(-2) if need_grad else None
+
+
+class _SimilarityBCE(torch.autograd.Function):
+    """Eq. 3's summed terms over one image's labelled pixels p (N, V), lab (V,), block by block, with the gradient
+    computed in the same pass (_sim_blocks): two matmuls per block where checkpointing runs four (forward,
+    recomputed forward, two backward) plus autograd's elementwise work. Backward only scales the saved (N, V)
+    gradient, so memory stays O(chunk * V + N * V). Not twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, p, lab, chunk, eps):
+        total, grad = _sim_blocks(p, lab, eps, range(0, p.shape[1], chunk), chunk, ctx.needs_input_grad[0])
+        ctx.save_for_backward(grad if grad is not None else p.new_zeros(0))
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return grad_out * grad, None, None, None
 
 
 def downsample_for_similarity(probs, onehot, stride):
     """The M x M maps cost O((HW)^2): Eq. 3 runs at 1/stride resolution (stride 4: 64x128 on Cityscapes, M = 8192).
-    Probabilities are area-averaged (still distributions, every pixel keeps a gradient); the one-hot target is
-    nearest-downsampled (still one-hot)."""
+    Probabilities are area-averaged (still distributions over their channels, every pixel keeps a gradient); the
+    target is nearest-downsampled (still one-hot, and an unlabelled pixel's all-zero row stays all zero)."""
     if stride == 1:
         return probs, onehot
     size = (probs.shape[2] // stride, probs.shape[3] // stride)
@@ -562,8 +638,12 @@ class ECGANGenerator(nn.Module):
         if self.label_generator is not None and aux:  # S' and S'' for Eq. 10's two similarity terms
             fakes = [img, out["fake"]] if cfg.use_semantic else [img]
             probs = self.label_generator(torch.cat(fakes, 0)).chunk(len(fakes))  # one segmenter forward
+            # Eq. 3 over the real classes: the target without the dontcare channel (its pixels' rows are all zero,
+            # so they take part in no pair) and the segmenter's probabilities without it too (G_l is trained to
+            # ignore dontcare, so that channel carries no class); A'' = S''^T S'' then counts real-class agreement
             for k, p in enumerate(probs, 1):
-                out[f"seg_{k}"], out["seg_target"] = downsample_for_similarity(p, onehot.float(), cfg.sim_stride)
+                out[f"seg_{k}"], out["seg_target"] = downsample_for_similarity(
+                    p[:, :self.num_classes], masks.float(), cfg.sim_stride)
         return out
 
 
@@ -721,9 +801,10 @@ def bench_contrastive(device="cpu", anchors=1024, naive_anchors=None, dim=256, c
     return [("vectorized", t_vec, None), ("naive", t_naive, m if m != anchors else None)]
 
 
-def bench_similarity(device="cpu", sizes=(((2, 32, 64), ("naive", "chunked")), ((2, 64, 128), ("chunked",))),
-                     N=35, chunk=1024):
-    """Eq. 3 forward + backward, naive vs chunked. Rows: ((B, H, W), impl, seconds, peak bytes)."""
+def bench_similarity(device="cpu", sizes=(((2, 32, 64), ("naive", "checkpoint", "chunked")),
+                                          ((2, 64, 128), ("checkpoint", "chunked"))), N=35, chunk=1024):
+    """Eq. 3 forward + backward: naive, the checkpointed chunks (the previous implementation) and the chunked
+    path with its analytic gradient. Rows: ((B, H, W), impl, seconds, peak bytes)."""
     import sau  # its profiler-based peak_memory measures CPU and CUDA alike
     torch.manual_seed(0)
     rows = []
@@ -746,16 +827,18 @@ def bench(device="cpu"):
     print(f"| contrastive Eq. 5, 1024 anchors | vectorized {t_vec * 1e3:.1f} ms | naive {t_naive:.2f} s | "
           f"{t_naive / t_vec:.0f}x |")
     # Eq. 3, naive vs chunked (forward + backward), N = 35 (Cityscapes), chunk 1024
-    for (B, H, W), impl, t, mem in bench_similarity(device):
+    rows = bench_similarity(device)
+    for (B, H, W), impl, t, mem in rows:
+        fast = next(t2 for size, i2, t2, _ in rows if size == (B, H, W) and i2 == "chunked")
         print(f"| similarity Eq. 3, B={B} {H}x{W} (M={H * W}) | {impl} | {t * 1e3:.0f} ms | "
-              f"peak {mem / 2**20:.1f} MiB |")
-    # full 256x512 (M = 131,072): two of the 128 chunks through the same checkpointed code, time extrapolated;
-    # the peak is the full run's (chunks run one after another, only a scalar is accumulated)
+              f"peak {mem / 2**20:.1f} MiB | {t / fast:.1f}x chunked |")
+    # full 256x512 (M = 131,072): two of the 128 row blocks through the chunked path's code (loss and gradient
+    # in one pass), time extrapolated; the peak is the full run's (blocks run one after another, only the loss
+    # and the (N, M) gradient are kept)
     M, chunk = 256 * 512, 1024
-    p = torch.randn(1, 35, M, device=device).softmax(1).requires_grad_()
-    lab = torch.randint(0, 35, (1, M), device=device)
-    fn = lambda: sum(checkpoint(_sim_bce_rows, p[..., r:r + chunk], lab[:, r:r + chunk], p, lab, 1e-6,
-                                use_reentrant=False) for r in (0, chunk)).backward()
+    p = torch.randn(35, M, device=device).softmax(0)
+    lab = torch.randint(0, 35, (M,), device=device)
+    fn = lambda: _sim_blocks(p, lab, 1e-6, (0, chunk), chunk, need_grad=True)
     t = _timed(fn, reps=1) * (M // chunk) / 2
     mem = sau.peak_memory(fn, device)
     print(f"| similarity Eq. 3, B=1 256x512 (M={M}) | chunked | {t:.0f} s (extrapolated from 2/128 chunks) | "

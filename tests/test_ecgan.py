@@ -89,10 +89,82 @@ def test_similarity_matches_eq3_by_hand():
 
 def test_similarity_zero_for_confident_equal_prediction():
     _, target = _rand_probs_and_onehot()
-    for impl in ("naive", "chunked"):
-        assert ecgan.similarity_loss(target.clone(), target, impl=impl).item() < 1e-5
+    grads = {}
+    for impl in ecgan.SIM_IMPLS:
+        p = target.clone().requires_grad_(True)
+        loss = ecgan.similarity_loss(p, target, impl=impl)
+        loss.backward()
+        assert loss.item() < 1e-5
+        grads[impl] = p.grad
+    # q = 0 or 1 everywhere: the clamp to [eps, 1 - eps] holds every term, and stops every gradient (as torch's)
+    for impl in ("chunked", "checkpoint"):
+        torch.testing.assert_close(grads[impl], grads["naive"])
     pred, _ = _rand_probs_and_onehot(seed=1)
     assert ecgan.similarity_loss(pred, target).item() > 0.1
+
+
+def _with_dontcare(pred, target, seed=2):
+    """Zero the target rows of some pixels (dontcare) and make image 1 of a batch of 3 all dontcare."""
+    g = torch.Generator().manual_seed(seed)
+    target = target.clone()
+    dc = torch.rand(target.shape[0], *target.shape[2:], generator=g) < 0.3
+    if target.shape[0] > 2:
+        dc[1] = True
+    return target * ~dc[:, None], dc
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_similarity_impls_agree_with_dontcare_pixels(chunk):
+    pred, target = _rand_probs_and_onehot(B=3)
+    target, dc = _with_dontcare(pred, target)
+    out = {}
+    for impl in ecgan.SIM_IMPLS:
+        p = pred.clone().requires_grad_(True)
+        loss = ecgan.similarity_loss(p, target, impl=impl, chunk=chunk)
+        loss.backward()
+        out[impl] = (loss.detach(), p.grad)
+    for impl in ("chunked", "checkpoint"):
+        torch.testing.assert_close(out[impl][0], out["naive"][0])
+        torch.testing.assert_close(out[impl][1], out["naive"][1])
+    for impl, (_, grad) in out.items():  # a dontcare pixel takes part in no pair: its prediction gets no gradient
+        assert (grad.permute(0, 2, 3, 1)[dc] == 0).all() and (grad.permute(0, 2, 3, 1)[~dc] != 0).any(), impl
+
+
+def test_similarity_dontcare_closed_form():
+    """Hand-built 2x2 images, 2 classes. Image 0: classes (0, 0 / 1, dontcare): its 3 labelled pixels make 9
+    ordered pairs. Image 1: all four labelled, 16 pairs. Image 2: all dontcare, no pair. Eq. 3 per image, then
+    the mean over the images that have pairs: (L_0 + L_1) / 2."""
+    probs = [[(0.9, 0.1), (0.6, 0.4), (0.3, 0.7), (0.5, 0.5)],
+             [(0.8, 0.2), (0.2, 0.8), (0.7, 0.3), (0.4, 0.6)],
+             [(0.1, 0.9), (0.5, 0.5), (0.9, 0.1), (0.3, 0.7)]]
+    classes = [[0, 0, 1, None], [0, 1, 0, 1], [None] * 4]
+
+    def image_loss(ps, cs):
+        lab = [(p, c) for p, c in zip(ps, cs) if c is not None]
+        terms = []
+        for pi, ci in lab:
+            for pj, cj in lab:
+                q = pi[0] * pj[0] + pi[1] * pj[1]
+                terms.append(-math.log(q) if ci == cj else -math.log(1 - q))
+        return sum(terms) / len(terms)
+
+    expected = (image_loss(probs[0], classes[0]) + image_loss(probs[1], classes[1])) / 2
+    pred = torch.tensor(probs, dtype=torch.float64).permute(0, 2, 1).reshape(3, 2, 2, 2)
+    target = torch.tensor([[[float(c == k) if c is not None else 0.0 for k in (0, 1)] for c in cs]
+                           for cs in classes], dtype=torch.float64).permute(0, 2, 1).reshape(3, 2, 2, 2)
+    for impl in ecgan.SIM_IMPLS:
+        assert ecgan.similarity_loss(pred, target, impl=impl, chunk=2).item() == pytest.approx(expected, rel=1e-9)
+    # an all-dontcare batch: zero, and still a graph to call backward on
+    p = pred.clone().requires_grad_(True)
+    loss = ecgan.similarity_loss(p, torch.zeros_like(target))
+    loss.backward()
+    assert loss.item() == 0 and (p.grad == 0).all()
+
+
+def test_similarity_rejects_non_onehot_target():
+    pred, target = _rand_probs_and_onehot()
+    with pytest.raises(ValueError, match="one-hot"):
+        ecgan.similarity_loss(pred, target * 0.5)
 
 
 # ----------------------------------------------------------------------------- generator pieces
@@ -155,7 +227,10 @@ def test_shapes_full_model():
     for k in ("fake", "intermediate", "edge", "class"):
         assert out[k].shape == (2, 3, 32, 64), k
     assert out["fake"].abs().max() <= 1 and out["intermediate"].abs().max() <= 2  # I' in [-2, 2] (Eq. 1)
-    assert out["seg_1"].shape == out["seg_2"].shape == out["seg_target"].shape == (2, info.label_nc, 8, 16)
+    # Eq. 3 over the real classes: S and S'' without the dontcare channel
+    assert out["seg_1"].shape == out["seg_2"].shape == out["seg_target"].shape == (2, info.num_classes, 8, 16)
+    dontcare = F.interpolate(batch["onehot"][:, -1:], size=(8, 16), mode="nearest")[:, 0] > 0
+    assert dontcare.any() and (out["seg_target"].sum(1)[dontcare] == 0).all()
     assert out["emb"].shape[1] == cfg.proj_dim and (out["emb_labels"] < info.num_classes).all()  # no dontcare
     cols = ecgan.sample(G, batch)
     assert list(cols) == ["fake", "intermediate", "edge", "attention", "class"]
