@@ -295,7 +295,8 @@ def class_ce(logits, idx, present):
 
 
 class LocalGenerator(nn.Module):
-    """G_l: residual blocks on E's H/4 feature, two x2 up blocks to a ngf-channel full-resolution f',
+    """G_l: residual blocks on E's H/4 feature, two up blocks (branch_up: x4; x2 on the shared SAU's f' at
+    H/2 with sau_placement="encoder") to a ngf-channel full-resolution f',
     per-class generation, fusion (Eq. 4 sum or Eq. 5 conv + tanh), classification module (Eq. 6)."""
 
     def __init__(self, num_classes, ngf, n_res, upsample, conv_fusion, cls_loss, impl, cls_pool="class",
@@ -325,7 +326,7 @@ class LocalGenerator(nn.Module):
 
 
 class WeightMap(nn.Module):
-    """G_w (Eq. 7): two x2 up blocks (-> 2ngf, ngf) on E's H/4 feature, 1x1 conv -> 2, channel softmax.
+    """G_w (Eq. 7): two up blocks (-> 2ngf, ngf; branch_up, as G_l's) on E's H/4 feature, 1x1 conv -> 2, channel softmax.
     The paper puts IN + ReLU after the 2-channel conv too; we feed the raw logits to the softmax."""
 
     def __init__(self, ngf, upsample, window="expanded", pre_upsampled=False):
