@@ -108,8 +108,7 @@ class GauGANConfig:
     num_upsampling_layers: str = "normal"  # "normal" (5 ups) | "more" (6 ups, Cityscapes) (public code)
     upsample: str = "nearest"             # any sau.make_upsampler name; "sau" = GauGAN+SAU (LGGAN++ Table 12)
     upsample_low_res: bool = False        # also the upsamplers after head_0 / G_middle_0 (Table 12: nearest)
-    sau_window: str = "expanded"          # SAU window: "expanded" (SAFU text: 5x5 kernel, 3x3 input pixels) |
-                                          # "input" (Z(l, k) definition: 5x5 input pixels) (sau.py header)
+    sau_window: str = "expanded"          # SAU window: "expanded" (SAFU text) | "input" (Z(l, k)) (sau.py header)
     norm: str = "instance"                # SPADE's param-free norm: "instance" | "batch" (paper: sync batch norm)
     spade_hidden: int = 128               # SPADE's shared conv width (public code)
     use_vae: bool = False                 # style encoder + KL for multi-modal synthesis (GauGAN Sec. 3.3)

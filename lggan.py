@@ -347,8 +347,7 @@ class LGGANConfig:
     num_upsampling_layers: str = "normal"  # GauGAN trunk: "normal" | "more" (Cityscapes, public code)
     upsample: str = "nearest"             # sau.make_upsampler name; "sau" = LGGAN++ (Sec. 3.2, Table 12)
     upsample_low_res: bool = False        # GauGAN trunk: also its low-resolution upsamplers (gaugan.py)
-    sau_placement: str = "upsamplers"     # with upsample="sau": "upsamplers" (Sec. 4.2, Table 12's) | "encoder"
-                                          # (Sec. 3.1 / Fig. 2: f' = SAU(f) after E, shared) (header)
+    sau_placement: str = "upsamplers"     # with upsample="sau": "upsamplers" | "encoder" (Fig. 2: f' = SAU(f)) (header)
     sau_window: str = "expanded"          # SAU window: "expanded" (SAFU text) | "input" (Z(l, k)) (sau.py)
     norm: str = "instance"                # SPADE param-free norm of the trunk (GauGAN)
     spade_hidden: int = 128               # SPADE's shared conv width (GauGAN)
