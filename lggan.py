@@ -326,7 +326,7 @@ class LocalGenerator(nn.Module):
 
 
 class WeightMap(nn.Module):
-    """G_w (Eq. 7): two up blocks (-> 2ngf, ngf; branch_up, as G_l's) on E's H/4 feature, 1x1 conv -> 2, channel softmax.
+    """G_w (Eq. 7): two up blocks (-> 2ngf, ngf; branch_up) on E's H/4 feature, 1x1 conv -> 2, channel softmax.
     The paper puts IN + ReLU after the 2-channel conv too; we feed the raw logits to the softmax."""
 
     def __init__(self, ngf, upsample, window="expanded", pre_upsampled=False):
