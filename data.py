@@ -21,6 +21,7 @@ import argparse
 import functools
 import math
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,14 @@ class DataInfo:
 
 class DatasetError(ValueError):
     """Bad data on disk: the message names the file and the value or the expected layout."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for every script of the repo: a bad flag gets one line, `prog: error: ... (see --help)`, exit 2
+    (argparse prints the whole usage block first, which buries the line that matters)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 # -----------------------------------------------------------------------------
@@ -994,25 +1003,36 @@ def make_dataset(name="synthetic", dataroot=None, split="train", size=None, **kw
 # -----------------------------------------------------------------------------
 # look at it: python data.py [--dataset NAME --dataroot PATH] [--out samples_data.png]
 
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="write a PNG grid: image | colour label | Canny edges")
+def main(argv=None):
+    ap = ArgumentParser(description="write a PNG grid: image | colour label | Canny edges")
     ap.add_argument("--dataset", default="synthetic", choices=NAMES)
     ap.add_argument("--dataroot", default=None)
-    ap.add_argument("--split", default="train")
-    ap.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"))
+    ap.add_argument("--split", default="train", choices=("train", "val"))
+    ap.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                    help="default 128 256 for the synthetic scenes, else the papers' size")
     ap.add_argument("--n", type=int, default=8, help="samples (rows)")
     ap.add_argument("--label_dir", default=None)
     ap.add_argument("--image_dir", default=None)
     ap.add_argument("--num_classes", type=int, default=None)
+    ap.add_argument("--jitter", action="store_true", help="show the training jitter (random crop and flip)")
     ap.add_argument("--out", default="samples_data.png")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.n < 1:
+        ap.error(f"--n {args.n}: expected an integer >= 1")
+    if args.size and min(args.size) < 1:
+        ap.error(f"--size {args.size[0]} {args.size[1]}: expected a positive height and width")
     kw = {k: getattr(args, k) for k in ("label_dir", "image_dir", "num_classes") if getattr(args, k) is not None}
-    if not args.dataset.startswith("synthetic"):
-        kw["flip"] = False
+    kw.update(flip=args.jitter, crop=args.jitter)
     size = tuple(args.size) if args.size else ((128, 256) if args.dataset.startswith("synthetic") else None)
-    ds = make_dataset(args.dataset, args.dataroot, args.split, size, **kw)
-    info = ds.info
-    batch = torch.utils.data.default_collate([ds[i] for i in range(min(args.n, len(ds)))])
+    try:
+        ds = make_dataset(args.dataset, args.dataroot, args.split, size, **kw)
+        if len(ds) == 0:
+            raise DatasetError(f"{args.dataset} ({args.split}): no samples")
+        info = ds.info
+        batch = torch.utils.data.default_collate([ds[i] for i in range(min(args.n, len(ds)))])
+    except DatasetError as e:
+        print(f"data.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
     edge = canny(batch["image"]) * 2 - 1
     if info.task == "crossview":
         cols, titles = [batch["image_a"], batch["seg_a"], batch["image"], batch["seg"], edge], \
@@ -1026,3 +1046,7 @@ if __name__ == "__main__":
     save_grid(cols, args.out, titles)
     print(f"{info.name} ({len(ds)} {args.split} samples, {info.num_classes} classes, {info.height}x{info.width}): "
           f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -125,16 +125,49 @@ def segmentation_scores(conf, ignore=()):
     }
 
 
-# Cityscapes label ids whose trainId is 255 (void): the 19-class protocol ignores them.
-CITYSCAPES_VOID_IDS = (0, 1, 2, 3, 4, 5, 6, 9, 10, 14, 15, 16, 18, 29, 30)
-
-
 def default_ignore(info):
-    """Labels the default protocol ignores: the dontcare id where the dataset has one; Cityscapes' void ids."""
-    ignore = [info.num_classes] if info.dontcare else []
-    if info.name == "cityscapes":
-        ignore += list(CITYSCAPES_VOID_IDS)
-    return sorted(set(ignore))
+    """Ids the default protocol leaves out, in eval_classes' ids: the dontcare id where the dataset has one.
+    (Cityscapes needs none here: ids without a train id map to 255, outside the 19 evaluated classes.)"""
+    return [info.num_classes] if info.dontcare and info.name != "cityscapes" else []
+
+
+def eval_classes(info):
+    """(lut, n): the class ids mIoU and accuracy count. Cityscapes: the 19 train ids of the official label
+    definitions (data.CITYSCAPES_TRAIN_IDS; the papers' DRN-D-105 protocol), lut (label id -> train id, 255 for
+    every other id) a LongTensor. Every other dataset: its own num_classes ids, lut None."""
+    import data
+    if info.name != "cityscapes":
+        return None, info.num_classes
+    lut = torch.full((max(256, info.label_nc),), 255, dtype=torch.long)
+    for k, v in data.CITYSCAPES_TRAIN_IDS.items():
+        lut[k] = v
+    return lut, len(data.CITYSCAPES_TRAIN_NAMES)
+
+
+@torch.no_grad()
+def confusion_of(seg, image, label, info, ignore=()):
+    """Confusion matrix (n, n+1) of the segmenter on `image` against `label`, in eval_classes(info)'s ids. Where a
+    lut applies, predictions over the dataset's label ids (the built-in segmenter) are mapped like the labels; a
+    segmenter with exactly n outputs (a DRN exported over Cityscapes' 19 train ids) is read as predicting those."""
+    lut, n = eval_classes(info)
+    logits = seg(image)
+    if logits.shape[-2:] != image.shape[-2:]:
+        logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
+    pred = logits.argmax(1)
+    if lut is not None:
+        lut = lut.to(label.device)
+        label = lut[label.clamp(0, len(lut) - 1)]
+        if logits.shape[1] != n:
+            pred = lut[pred.clamp(0, len(lut) - 1)]
+    return confusion_matrix(pred, label, n, ignore)
+
+
+def protocol_ids(info, ignore):
+    """Words for the protocol column: which ids were counted."""
+    _, n = eval_classes(info)
+    what = ("19 Cityscapes train ids (label ids mapped as the official definitions; all other ids ignored)"
+            if info.name == "cityscapes" else f"{n} classes")
+    return what + (f", ignored ids {list(ignore)}" if ignore else ", no ignored ids")
 
 
 # -----------------------------------------------------------------------------------------------------------------
@@ -473,15 +506,53 @@ class Segmenter(nn.Module):
         return self.classify(self.fuse(torch.cat([skip, ctx], 1)))
 
 
-def _forever(loader):
+def _forever(loader, dataset):
+    epoch = 0
     while True:
+        if hasattr(dataset, "set_epoch"):  # a new crop and flip of every image per pass (data.LOAD_RATIO)
+            dataset.set_epoch(epoch)
         yield from loader
+        epoch += 1
+
+
+SEG_STEPS_MAX, SEG_STEPS_MIN, SEG_EPOCHS = 2000, 100, 8
+
+
+def auto_segmenter_steps(n_images, batch_size=8):
+    """Steps of the built-in segmenter scaled to the data: SEG_EPOCHS passes over the images it fits, at least
+    SEG_STEPS_MIN, at most SEG_STEPS_MAX (2000 on the 2000 synthetic scenes; 100 on a 13-image sample, where 2000
+    steps would be ~1500 epochs of memorising it)."""
+    per_epoch = max(1, n_images // max(1, min(batch_size, n_images)))
+    return int(min(SEG_STEPS_MAX, max(SEG_STEPS_MIN, SEG_EPOCHS * per_epoch)))
+
+
+def holdout_split(n, seed=0):
+    """(fit indices, held-out indices) of n training images: ~10% (at least 2 from 10 images, 1 from 4) held out,
+    chosen by a fixed permutation, to measure the segmenter on real images it never saw."""
+    h = max(2, round(0.1 * n)) if n >= 10 else (1 if n >= 4 else 0)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(perm[h:]), sorted(perm[:h])
+
+
+@torch.no_grad()
+def segmenter_scores(seg, dataset, info, batch_size=8, device="cpu", ignore=None, num=None):
+    """mIoU and pixel accuracy of the segmenter on a dataset's real images (eval_classes' ids)."""
+    ignore = default_ignore(info) if ignore is None else ignore
+    conf, n = 0, min(num or len(dataset), len(dataset))
+    for i0 in range(0, n, batch_size):
+        items = [dataset[i] for i in range(i0, min(i0 + batch_size, n))]
+        image = torch.stack([it["image"] for it in items]).to(device)
+        label = torch.stack([it["label"] for it in items]).to(device)
+        conf = conf + confusion_of(seg, image, label, info, ignore)
+    s = segmentation_scores(conf, ignore)
+    return {"mIoU": _finite(s["mIoU"]), "accuracy": _finite(s["accuracy"]), "num_images": n}
 
 
 def train_segmenter(dataset, info, steps=2000, batch_size=8, device="cpu", out_path=None, width=32, lr=2e-3,
-                    seed=0, progress=True):
+                    seed=0, progress=True, say=None, extra=None):
     """Train the built-in Segmenter with cross-entropy on the dataset's real images (never generated ones).
-    Dontcare pixels are not trained on. Saves {"kind": "segmenter", ...} atomically to out_path if given."""
+    Dontcare pixels are not trained on. Saves {"kind": "segmenter", ...} (plus `extra`) atomically to out_path if
+    given. say(line): after two timed steps, the measured time per step and the estimated total."""
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
@@ -493,9 +564,16 @@ def train_segmenter(dataset, info, steps=2000, batch_size=8, device="cpu", out_p
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
     ignore_index = info.num_classes if info.dontcare else -100
     seg.train()
-    it = _forever(loader)
+    it = _forever(loader, dataset)
     bar = tqdm(range(steps), desc="segmenter", disable=not progress, leave=False)
-    for _ in bar:
+    t1 = None
+    for i in bar:
+        if i == 1:
+            t1 = time.time()  # step 0 is a warm-up
+        if i == 3 and say is not None:
+            per = (time.time() - t1) / 2
+            say(f"segmenter: {per:.2f} s/step measured, about {_duration(per * (steps - 3))} for the remaining "
+                f"{steps - 3} steps")
         batch = next(it)
         image, label = batch["image"].to(device), batch["label"].to(device)
         loss = F.cross_entropy(seg(image), label, ignore_index=ignore_index)
@@ -504,13 +582,18 @@ def train_segmenter(dataset, info, steps=2000, batch_size=8, device="cpu", out_p
         opt.step()
         sched.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
     seg.eval().requires_grad_(False)
     if out_path is not None:
         from train import atomic_save  # inside: train.py imports this file's users (ecgan.py) at its top
         Path(out_path).parent.mkdir(parents=True, exist_ok=True)
         atomic_save({"kind": "segmenter", "label_nc": info.label_nc, "width": width, "steps": steps,
-                     "info": asdict(info), "state": seg.state_dict()}, out_path)
+                     "info": asdict(info), "state": seg.state_dict(), **(extra or {})}, out_path)
     return seg
+
+
+def _duration(seconds):
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 def _is_torchscript(path):
@@ -529,24 +612,32 @@ def load_segmenter(path, info=None, device="cpu"):
     path = str(path)
     if not os.path.isfile(path):
         raise EvalError(f"segmenter file not found: {path}")
-    if _is_torchscript(path):
-        return _freeze(torch.jit.load(path, map_location=device).eval())
-    if path.endswith(".pt2"):  # a torch.export program (TorchScript's successor)
-        return _freeze(torch.export.load(path).module().to(device))
-    else:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise EvalError(f"{path}: not a built-in segmenter checkpoint nor a TorchScript file ({e})") from None
-        if not isinstance(ckpt, dict) or ckpt.get("kind") != "segmenter":
-            raise EvalError(f"{path}: not a built-in segmenter checkpoint (no kind='segmenter'; a training "
-                            f"checkpoint goes to --ckpt) nor a TorchScript file")
-        if info is not None and ckpt["label_nc"] != info.label_nc:
-            raise EvalError(f"{path}: segmenter predicts {ckpt['label_nc']} labels, dataset {info.name!r} has "
-                            f"{info.label_nc}")
-        model = Segmenter(ckpt["label_nc"], ckpt["width"])
-        check_state_dict(model, ckpt["state"], path, "the built-in Segmenter")
-        model.load_state_dict(ckpt["state"])
+    try:
+        if _is_torchscript(path):
+            return _freeze(torch.jit.load(path, map_location=device).eval())
+        if path.endswith(".pt2"):  # a torch.export program (TorchScript's successor)
+            return _freeze(torch.export.load(path).module().to(device))
+    except Exception as e:  # a damaged export: RuntimeError from the TorchScript / export loaders
+        raise EvalError(f"{path}: cannot load this TorchScript / .pt2 segmenter ({type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0][:150]})") from None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise EvalError(f"{path}: not a built-in segmenter checkpoint nor a TorchScript file "
+                        f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:150]})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "segmenter":
+        raise EvalError(f"{path}: not a built-in segmenter checkpoint (no kind='segmenter'; a training "
+                        f"checkpoint goes to --ckpt) nor a TorchScript file")
+    missing = [k for k in ("label_nc", "width", "state") if k not in ckpt]
+    if missing:
+        raise EvalError(f"{path}: built-in segmenter checkpoint without {missing} (truncated or hand-made)")
+    if info is not None and ckpt["label_nc"] != info.label_nc:
+        raise EvalError(f"{path}: segmenter predicts {ckpt['label_nc']} labels, dataset {info.name!r} has "
+                        f"{info.label_nc}")
+    model = Segmenter(ckpt["label_nc"], ckpt["width"])
+    check_state_dict(model, ckpt["state"], path, "the built-in Segmenter")
+    model.load_state_dict(ckpt["state"])
+    model.holdout = ckpt.get("holdout")  # its own scores on held-out training images, when it has them
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -581,17 +672,53 @@ def _save_png(image, path):
     Image.fromarray(arr.permute(1, 2, 0).numpy()).save(path)
 
 
-def _val_set(data, name, dataroot, info):
-    """The validation split at the checkpoint's resolution (the training split where a dataset has none)."""
+def _val_set(data, name, dataroot, info, from_ckpt=False):
+    """The validation split at the checkpoint's resolution (the training split, unjittered, where a dataset has
+    none). from_ckpt: the dataroot came from the checkpoint's training config (said when it is not found)."""
     if info.task == "crossview" and name == "synthetic":
         name = "synthetic_crossview"  # as train.py names it
-    kw = dict(dataroot=dataroot or None, size=(info.height, info.width))
-    if not name.startswith("synthetic"):
-        kw["flip"] = False  # real loaders flip the training split by default; never while measuring
+    kw = dict(dataroot=dataroot or None, size=(info.height, info.width), flip=False, crop=False)  # never jitter
     try:
-        return data.make_dataset(name, split="val", **kw), name, "val"
-    except data.DatasetError:
-        return data.make_dataset(name, split="train", **kw), name, "train (no validation split)"
+        try:
+            return data.make_dataset(name, split="val", **kw), name, "val"
+        except data.DatasetError:
+            return data.make_dataset(name, split="train", **kw), name, "train (no validation split)"
+    except data.DatasetError as e:
+        hint = " (the checkpoint's --dataroot; give --dataroot to read the data elsewhere)" if from_ckpt else ""
+        raise EvalError(f"{e}{hint}") from None
+
+
+def open_checkpoint(ckpt_path, device):
+    """(ckpt, module, cfg, info, G in eval mode) from a training checkpoint, or an EvalError naming the file."""
+    import zipfile
+    import train  # not at top level: ecgan.py imports this file
+    if not os.path.isfile(ckpt_path):
+        raise EvalError(f"checkpoint not found: {ckpt_path}" + (" (a folder; give its ckpt_latest.pt)"
+                                                                if os.path.isdir(ckpt_path) else ""))
+    if not zipfile.is_zipfile(ckpt_path):  # torch.save writes a zip archive; anything else is another file
+        raise EvalError(f"{ckpt_path}: not a training checkpoint of this repo (not a torch.save file); expected "
+                        f"<run>/ckpt_latest.pt")
+    try:
+        ckpt = train.load_checkpoint(ckpt_path)
+        module, cfg, info, G, D = train.build_from_checkpoint(ckpt, device)
+    except (train.CheckpointError, KeyError, TypeError, ValueError) as e:
+        msg = str(e)
+        raise EvalError(msg if ckpt_path in msg else f"{ckpt_path}: {msg}") from None
+    del D
+    return ckpt, module, cfg, info, G
+
+
+def load_classifier(path, device):
+    """A user's TorchScript (or torch.export .pt2) scene classifier, frozen; EvalError naming the file otherwise."""
+    if not os.path.isfile(path):
+        raise EvalError(f"classifier file not found: {path}")
+    try:
+        if str(path).endswith(".pt2"):
+            return _freeze(torch.export.load(path).module().to(device))
+        return _freeze(torch.jit.load(path, map_location=device).eval())
+    except Exception as e:  # TorchScript raises RuntimeError on a file of another kind
+        raise EvalError(f"{path}: not a TorchScript (or .pt2) scene classifier ({type(e).__name__}: "
+                        f"{(str(e).splitlines() or [''])[0][:150]})") from None
 
 
 def _segmenter_cache_path(folder, name, info):
@@ -602,10 +729,17 @@ def _finite(x):
     return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
+class _Subset(torch.utils.data.Subset):
+    def set_epoch(self, epoch):
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+
 def find_segmenter(segmenter, folders, name, info, dataroot, seg_steps, batch_size, device, notes, progress=True):
     """(segmenter, description): the user's file if given, else the built-in one cached in the first of `folders`
-    that has it, else a new built-in one trained for seg_steps on real training images and cached in folders[0];
-    (None, None) when there is none and seg_steps is 0."""
+    that has it, else a new built-in one trained on real training images and cached in folders[0]: ~10% of them
+    are held out (holdout_split) and its scores there are printed, stored with it and noted. seg_steps None:
+    auto_segmenter_steps of the images it fits. (None, None) when there is none and seg_steps is 0."""
     import data
     if segmenter:
         return load_segmenter(segmenter, info, device), f"user segmenter {segmenter}"
@@ -614,62 +748,98 @@ def find_segmenter(segmenter, folders, name, info, dataroot, seg_steps, batch_si
     for cand in (_segmenter_cache_path(f, name, info) for f in folders):
         if cand.is_file():
             try:
-                return load_segmenter(cand, info, device), f"built-in segmenter {cand}"
+                seg = load_segmenter(cand, info, device)
             except EvalError as e:
                 notes.append(f"ignored cached segmenter: {e}")
-    if seg_steps <= 0:
+                continue
+            _note_holdout(seg, notes)
+            return seg, f"built-in segmenter {cand}"
+    if seg_steps is not None and seg_steps <= 0:
         return None, None
     cache = _segmenter_cache_path(folders[0], name, info)
-    print(f"no segmenter given: training the built-in one on real {name} training images "
-          f"({seg_steps} steps), cached at {cache}")
-    train_set = data.make_dataset(name, dataroot=dataroot or None, split="train", size=(info.height, info.width))
-    seg = train_segmenter(train_set, info, steps=seg_steps, batch_size=batch_size, device=device,
-                          out_path=cache, progress=progress, seed=1)
-    return seg, f"built-in segmenter {cache} ({seg_steps} steps)"
+    size = (info.height, info.width)
+    jittered = data.make_dataset(name, dataroot=dataroot or None, split="train", size=size)
+    plain = data.make_dataset(name, dataroot=dataroot or None, split="train", size=size, crop=False, flip=False)
+    fit, held = holdout_split(len(jittered))
+    steps = auto_segmenter_steps(len(fit), batch_size) if seg_steps is None else seg_steps
+    how = "scaled to the data" if seg_steps is None else "--seg-steps"
+    print(f"no --segmenter given: training the built-in segmenter on {len(fit)} real {name} training images "
+          f"({len(held)} held out to measure it) for {steps} steps ({how}) at {size[0]}x{size[1]}, cached at "
+          f"{cache} for the next evaluation. To skip this: --segmenter FILE (your DRN / UperNet / DeepLab "
+          f"TorchScript export, or a cached segmenter_*.pt) or --seg-steps 0 (no mIoU / accuracy).", flush=True)
+    t0 = time.time()
+    with torch.random.fork_rng(devices=[]):  # the scoring below must not move the caller's stream either
+        seg = train_segmenter(_Subset(jittered, fit), info, steps=steps, batch_size=batch_size, device=device,
+                              progress=progress, seed=1, say=lambda line: print(line, flush=True))
+    holdout = None
+    if held:
+        holdout = segmenter_scores(seg, _Subset(plain, held), info, batch_size, device)
+        holdout["fit"] = segmenter_scores(seg, _Subset(plain, fit), info, batch_size, device, num=64)
+    from train import atomic_save
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save({"kind": "segmenter", "label_nc": info.label_nc, "width": seg.width, "steps": steps,
+                 "info": asdict(info), "state": seg.state_dict(), "holdout": holdout, "num_fit": len(fit)}, cache)
+    seg.holdout = holdout
+    print(f"segmenter trained in {_duration(time.time() - t0)}", flush=True)
+    _note_holdout(seg, notes, say=True)
+    return seg, f"built-in segmenter {cache} ({steps} steps on {len(fit)} images)"
+
+
+def _note_holdout(seg, notes, say=False):
+    h = getattr(seg, "holdout", None)
+    if not h:
+        return
+    f = h.get("fit") or {}
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
+    line = (f"built-in segmenter on {h['num_images']} held-out real training images: mIoU {fmt(h['mIoU'])}, "
+            f"pixel accuracy {fmt(h['accuracy'])} (on {f.get('num_images', '?')} images it was fit on: mIoU "
+            f"{fmt(f.get('mIoU'))}, accuracy {fmt(f.get('accuracy'))}; a large gap means it memorised a small set "
+            f"and its mIoU on generated images says little)")
+    notes.append(line)
+    if say:
+        print(line, flush=True)
 
 
 def evaluate(ckpt_path, dataset=None, dataroot=None, out=None, num=None, batch_size=8, device="auto",
-             inception=None, segmenter=None, classifier=None, seg_steps=2000, ignore=None, grid_rows=8,
+             inception=None, segmenter=None, classifier=None, seg_steps=None, ignore=None, grid_rows=8,
              save_images=True, progress=True):
     """Generate the validation set from a training checkpoint, compute every metric that applies, print a table and
-    write <out>/metrics.json. Returns the results dict."""
+    write <out>/metrics.json. Returns the results dict. Every input file is checked before anything is written or
+    trained. seg_steps None: the built-in segmenter's steps scale to the data (auto_segmenter_steps)."""
     import data
-    import train  # not at top level: ecgan.py imports this file
 
     ckpt_path = str(ckpt_path)
-    if not os.path.isfile(ckpt_path):
-        raise EvalError(f"checkpoint not found: {ckpt_path}")
     device = _device(device)
-    ckpt_errors = (getattr(train, "CheckpointError", EvalError), KeyError, TypeError)
-    try:
-        ckpt = train.load_checkpoint(ckpt_path)
-        module, cfg, info, G, D = train.build_from_checkpoint(ckpt, device)
-    except ckpt_errors as e:
-        msg = str(e)
-        raise EvalError(msg if ckpt_path in msg else f"{ckpt_path}: {msg}") from None
-    del D
+    ckpt, module, cfg, info, G = open_checkpoint(ckpt_path, device)
     model_name, tcfg = ckpt["model"], ckpt.get("train_cfg", {})
-    val, name, split = _val_set(data, dataset or tcfg.get("dataset", "synthetic"), dataroot or tcfg.get("dataroot"),
-                                info)
+    root = dataroot or tcfg.get("dataroot")
+    val, name, split = _val_set(data, dataset or tcfg.get("dataset", "synthetic"), root, info,
+                                from_ckpt=not dataroot and bool(root))
     vi = val.info
     if (vi.label_nc, vi.input_nc, vi.task) != (info.label_nc, info.input_nc, info.task):
         raise EvalError(f"{ckpt_path}: trained on {info.name!r} (label_nc {info.label_nc}, input_nc {info.input_nc}, "
                         f"{info.task}), but dataset {name!r} has label_nc {vi.label_nc}, input_nc {vi.input_nc}, "
                         f"{vi.task}")
+    if len(val) == 0:
+        raise EvalError(f"dataset {name!r} ({split}) has no images")
     out = Path(out) if out else Path(ckpt_path).parent / "eval"
-    out.mkdir(parents=True, exist_ok=True)
     n_total = min(num or len(val), len(val))
     notes = []
 
-    # --- the measuring networks
-    seg, seg_desc = find_segmenter(segmenter, [out, Path(ckpt_path).parent], name, info,
-                                   dataroot or tcfg.get("dataroot"), seg_steps, batch_size, device, notes, progress)
+    # --- the measuring networks: the given files first (a wrong one fails at once), the built-in segmenter last
+    inception_net = load_fid_inception(inception, device) if inception else None
+    clf = load_classifier(classifier, device) if classifier else None
+    if clf is None and info.task == "crossview":
+        notes.append("top-k accuracy / KL / inception-style score skipped: no scene classifier (--classifier "
+                     "TorchScript file)")
+    seg, seg_desc = find_segmenter(segmenter, [out, Path(ckpt_path).parent], name, info, root, seg_steps,
+                                   batch_size, device, notes, progress)
     if seg is None:
         notes.append("mIoU / accuracy skipped: no segmenter (--segmenter PATH or --seg-steps > 0)")
     ignore = sorted(set(default_ignore(info) if ignore is None else ignore))
 
-    if inception:
-        feat_net = load_fid_inception(inception, device)
+    if inception_net is not None:
+        feat_net = inception_net
         fid_key, fid_desc = "FID", f"InceptionV3 pool3 (pytorch-fid weights {inception}), 299x299 bilinear"
     elif seg is not None and hasattr(seg, "features"):
         feat_net = seg.features
@@ -680,15 +850,7 @@ def evaluate(ckpt_path, dataset=None, dataroot=None, out=None, num=None, batch_s
     else:
         feat_net, fid_key, fid_desc = None, None, None
         notes.append("FID skipped: no Inception weights (--inception) and no built-in segmenter features")
-    clf = None
-    if classifier:
-        if not os.path.isfile(classifier):
-            raise EvalError(f"classifier file not found: {classifier}")
-        clf = _freeze(torch.export.load(classifier).module().to(device) if classifier.endswith(".pt2") else
-                      torch.jit.load(classifier, map_location=device).eval())
-    elif info.task == "crossview":
-        notes.append("top-k accuracy / KL / inception-style score skipped: no scene classifier (--classifier "
-                     "TorchScript file)")
+    out.mkdir(parents=True, exist_ok=True)
 
     # --- generate and accumulate
     loader = torch.utils.data.DataLoader(val, batch_size=batch_size, shuffle=False)
@@ -727,7 +889,7 @@ def evaluate(ckpt_path, dataset=None, dataroot=None, out=None, num=None, batch_s
                 feats["real"].append(feat_net(real).float().cpu())
             if seg is not None:
                 for key, img in (("fake", fake), ("real", real)):
-                    conf[key] = conf[key] + confusion_matrix(segment(seg, img), label, info.num_classes, ignore)
+                    conf[key] = conf[key] + confusion_of(seg, img, label, info, ignore)
             if info.task == "crossview":
                 uf, ur = to_unit(fake), to_unit(real)
                 pix["SSIM"].append(ssim(uf, ur).cpu())
@@ -755,15 +917,19 @@ def evaluate(ckpt_path, dataset=None, dataroot=None, out=None, num=None, batch_s
         else:
             notes.append(f"{fid_key} skipped: needs at least 2 images")
     if seg is not None:
-        ign = f"ignored label ids {ignore}" if ignore else "no ignored labels"
         sf, sr = segmentation_scores(conf["fake"], ignore), segmentation_scores(conf["real"], ignore)
-        seg_proto = f"{seg_desc}, labels at {hw}, {ign}"
+        seg_proto = f"{seg_desc}, labels at {hw}, {protocol_ids(info, ignore)}"
         metrics["mIoU"], metrics["pixel accuracy"] = sf["mIoU"], sf["accuracy"]
         metrics["mIoU (real images: segmenter ceiling)"] = sr["mIoU"]
         metrics["pixel accuracy (real images: segmenter ceiling)"] = sr["accuracy"]
-        for key in ("mIoU", "pixel accuracy", "mIoU (real images: segmenter ceiling)",
-                    "pixel accuracy (real images: segmenter ceiling)"):
-            protocol[key] = seg_proto
+        held = getattr(seg, "holdout", None)
+        if held:  # the segmenter's own accuracy on real training images it did not fit
+            metrics["mIoU (segmenter on held-out training images)"] = held["mIoU"]
+            metrics["pixel accuracy (segmenter on held-out training images)"] = held["accuracy"]
+        for key in metrics:
+            if "mIoU" in key or "accuracy" in key:
+                protocol[key] = seg_proto + (f"; {held['num_images']} real training images held out of its "
+                                             f"training" if "held-out" in key else "")
     if info.task == "crossview":
         for key, vals in pix.items():
             metrics[key] = float(torch.cat(vals).mean())
@@ -778,7 +944,8 @@ def evaluate(ckpt_path, dataset=None, dataroot=None, out=None, num=None, batch_s
     results = {
         "checkpoint": ckpt_path, "model": model_name, "step": int(ckpt.get("step", 0)), "dataset": name,
         "split": split, "num_images": done, "resolution": hw, "seconds": round(time.time() - t0, 1),
-        "metrics": {k: _finite(float(v)) for k, v in metrics.items()}, "protocol": protocol, "notes": notes,
+        "metrics": {k: None if v is None else _finite(float(v)) for k, v in metrics.items()}, "protocol": protocol,
+        "notes": notes,
         "images": {"fake": str(res / "fake"), "real": str(res / "real"), "grid": str(res / "grid.png")},
     }
     tmp = out / f"metrics.json.tmp{os.getpid()}"
@@ -1015,29 +1182,22 @@ def make_figures(ckpt_path, out=None, num=4, device="auto", segmenter=None, seg_
     """Write every figure that applies to the checkpoint's model into out (default <ckpt folder>/figures).
     Returns {figure name: path}; prints a line per figure (and why one is skipped)."""
     import data
-    import train
     ckpt_path = str(ckpt_path)
-    if not os.path.isfile(ckpt_path):
-        raise EvalError(f"checkpoint not found: {ckpt_path}")
     device = _device(device)
-    try:
-        ckpt = train.load_checkpoint(ckpt_path)
-        module, cfg, info, G, D = train.build_from_checkpoint(ckpt, device)
-    except (train.CheckpointError, KeyError, TypeError) as e:
-        raise EvalError(str(e) if ckpt_path in str(e) else f"{ckpt_path}: {e}") from None
-    del D
+    ckpt, module, cfg, info, G = open_checkpoint(ckpt_path, device)
     model_name, tcfg = ckpt["model"], ckpt.get("train_cfg", {})
     if info.task != "semantic":
         raise EvalError(f"{ckpt_path}: --figures is for semantic image synthesis checkpoints, got {info.task!r}")
-    val, name, _ = _val_set(data, dataset or tcfg.get("dataset", "synthetic"), dataroot or tcfg.get("dataroot"),
-                            info)
+    root = dataroot or tcfg.get("dataroot")
+    val, name, _ = _val_set(data, dataset or tcfg.get("dataset", "synthetic"), root, info,
+                            from_ckpt=not dataroot and bool(root))
     out = Path(out) if out else Path(ckpt_path).parent / "figures"
-    out.mkdir(parents=True, exist_ok=True)
     batch = next(iter(torch.utils.data.DataLoader(val, batch_size=min(num, len(val)), shuffle=False)))
     b = data.prepare_batch(batch, info, device, edges=model_name == "ecgan")
     notes, written = [], {}
-    seg, seg_desc = find_segmenter(segmenter, [out, Path(ckpt_path).parent], name, info,
-                                   dataroot or tcfg.get("dataroot"), seg_steps, batch_size, device, notes, progress)
+    seg, seg_desc = find_segmenter(segmenter, [out, Path(ckpt_path).parent], name, info, root, seg_steps,
+                                   batch_size, device, notes, progress)
+    out.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         if model_name == "lggan":
             if getattr(G, "local_gen", None) is not None:
@@ -1069,43 +1229,64 @@ def make_figures(ckpt_path, out=None, num=4, device="auto", segmenter=None, seg_
 
 
 def train_segmenter_cli(args):
-    """--train-segmenter: train on real training images, cache it, report its mIoU on real validation images."""
+    """--train-segmenter: train on real training images (some held out), cache it, report its mIoU on real
+    validation images."""
     import data
-    size = (args.height, args.width)
-    train_set = data.make_dataset(args.dataset, dataroot=args.dataroot or None, split="train", size=size)
-    info = train_set.info
+    size = data.default_size(args.dataset, args.height, args.width, small=True)
+    plain = data.make_dataset(args.dataset, dataroot=args.dataroot or None, split="train", size=size, crop=False,
+                              flip=False)  # checks the data before anything is trained or written
+    info = plain.info
     out = Path(args.out or os.path.join("runs", "segmenter"))
-    path = _segmenter_cache_path(out, args.dataset, info)
     device = _device(args.device)
-    seg = train_segmenter(train_set, info, steps=2000 if args.seg_steps is None else args.seg_steps,
-                          batch_size=args.batch_size, device=device,
-                          out_path=path)
-    try:
-        kw = {} if args.dataset.startswith("synthetic") else {"flip": False}
-        val = data.make_dataset(args.dataset, dataroot=args.dataroot or None, split="val", size=size, **kw)
-        split = "val"
-    except data.DatasetError:
-        val, split = train_set, "train (no validation split)"
+    notes = []
+    path = _segmenter_cache_path(out, args.dataset, info)
+    if path.is_file():
+        print(f"using the segmenter cached at {path} (delete it to train a new one)")
+    seg, desc = find_segmenter(None, [out], args.dataset, info, args.dataroot, args.seg_steps, args.batch_size,
+                               device, notes, progress=True)
+    if seg is None:
+        raise EvalError("--seg-steps 0: nothing to train")
+    val, _, split = _val_set(data, args.dataset, args.dataroot, info)
     ignore = default_ignore(info) if args.ignore is None else args.ignore
-    conf = 0
-    n = min(args.num or len(val), len(val))
-    with torch.no_grad():
-        for i0 in tqdm(range(0, n, args.batch_size), desc="segmenter ceiling"):
-            items = [val[i] for i in range(i0, min(i0 + args.batch_size, n))]
-            image = torch.stack([it["image"] for it in items]).to(device)
-            label = torch.stack([it["label"] for it in items]).to(device)
-            conf = conf + confusion_matrix(segment(seg, image), label, info.num_classes, ignore)
-    s = segmentation_scores(conf, ignore)
-    result = {"segmenter": str(path), "dataset": args.dataset, "split": split, "num_images": n,
-              "resolution": f"{info.height}x{info.width}", "ignored label ids": ignore,
-              "mIoU (real images: ceiling)": _finite(s["mIoU"]), "pixel accuracy (real images)": _finite(s["accuracy"])}
-    (path.with_suffix(".json")).write_text(json.dumps(result, indent=2))
+    s = segmenter_scores(seg, val, info, args.batch_size, device, ignore, num=args.num)
+    result = {"segmenter": str(path), "dataset": args.dataset, "split": split, "num_images": s["num_images"],
+              "resolution": f"{info.height}x{info.width}", "evaluated ids": protocol_ids(info, ignore),
+              "mIoU (real images: ceiling)": s["mIoU"], "pixel accuracy (real images)": s["accuracy"],
+              "held-out training images": getattr(seg, "holdout", None), "notes": notes}
+    tmp = path.with_suffix(f".json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, path.with_suffix(".json"))
     print(json.dumps(result, indent=2))
     return result
 
 
+def _check_args(p, args):
+    """One clear line (argparse's error) for a value out of range, before anything is read or written."""
+    for name in ("num", "batch_size"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            p.error(f"--{name.replace('_', '-')} {v}: expected an integer >= 1")
+    if args.seg_steps is not None and args.seg_steps < 0:
+        p.error(f"--seg-steps {args.seg_steps}: expected an integer >= 0 (0: no built-in segmenter)")
+    for name in ("height", "width"):
+        v = getattr(args, name)
+        if v < 0:
+            p.error(f"--{name} {v}: expected a positive size in pixels (0: the dataset's default)")
+    try:
+        dev = torch.device("cpu" if args.device == "auto" else args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device!r}: expected auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device!r}: no CUDA device is visible")
+    if dev.type not in ("cpu", "cuda"):
+        p.error(f"--device {args.device!r}: expected auto, cpu, cuda or cuda:N")
+    if args.ignore is not None and any(i < 0 for i in args.ignore):
+        p.error(f"--ignore {args.ignore}: expected class ids >= 0")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    import data
+    p = data.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--ckpt", help="training checkpoint (e.g. runs/lggan/ckpt_latest.pt)")
     p.add_argument("--train-segmenter", action="store_true", help="train and cache the built-in segmenter only")
     p.add_argument("--dataset", default=None,
@@ -1117,19 +1298,25 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:1 ...")
     p.add_argument("--inception", default=None,
                    help=f"pytorch-fid weights: a path or URL (e.g. {FID_WEIGHTS_URL})")
-    p.add_argument("--segmenter", default=None, help="TorchScript segmenter or built-in segmenter checkpoint")
+    p.add_argument("--segmenter", default=None,
+                   help="TorchScript segmenter or built-in segmenter checkpoint; without it the built-in one is\n"
+                        "trained first (on real training images, ~10%% held out) and cached in --out")
     p.add_argument("--classifier", default=None, help="TorchScript scene classifier (cross-view top-k, KL, IS)")
     p.add_argument("--seg-steps", type=int, default=None,
-                   help="training steps of the built-in segmenter when none is cached (default 2000; --figures 300)")
-    p.add_argument("--ignore", type=int, nargs="*", default=None, help="label ids left out of mIoU/accuracy "
-                                                                        "(default: dontcare; Cityscapes void ids)")
-    p.add_argument("--height", type=int, default=64, help="--train-segmenter only (else the checkpoint's)")
-    p.add_argument("--width", type=int, default=128, help="--train-segmenter only (else the checkpoint's)")
+                   help=f"steps of the built-in segmenter when none is cached (default: {SEG_EPOCHS} passes over\n"
+                        f"its images, {SEG_STEPS_MIN}..{SEG_STEPS_MAX}; 0: no segmenter, no mIoU)")
+    p.add_argument("--ignore", type=int, nargs="*", default=None,
+                   help="class ids left out of mIoU/accuracy (default: dontcare; Cityscapes is scored on its\n"
+                        "19 train ids, label ids mapped as the official definitions)")
+    p.add_argument("--height", type=int, default=0, help="--train-segmenter only (else the checkpoint's); 0: the "
+                                                          "dataset's default")
+    p.add_argument("--width", type=int, default=0, help="--train-segmenter only (else the checkpoint's)")
     p.add_argument("--no-images", action="store_true", help="do not write the per-image PNG files")
     p.add_argument("--figures", action="store_true",
                    help="write the papers' explanatory figures for --ckpt (LGGAN Figs. 12, 13; ECGAN Figs. 6, 7;\n"
                         "SAU Fig. 5) into --out (default <ckpt folder>/figures); --num rows (default 4)")
     args = p.parse_args(argv)
+    _check_args(p, args)
     try:
         if args.train_segmenter:
             args.dataset = args.dataset or "synthetic"
@@ -1138,16 +1325,14 @@ def main(argv=None):
             p.error("--ckpt PATH is required (or --train-segmenter)")
         if args.figures:
             return make_figures(args.ckpt, out=args.out, num=args.num or 4, device=args.device,
-                                segmenter=args.segmenter, seg_steps=300 if args.seg_steps is None else args.seg_steps,
-                                dataset=args.dataset,
+                                segmenter=args.segmenter, seg_steps=args.seg_steps, dataset=args.dataset,
                                 dataroot=args.dataroot, batch_size=args.batch_size)
         return evaluate(args.ckpt, dataset=args.dataset, dataroot=args.dataroot, out=args.out, num=args.num,
                         batch_size=args.batch_size, device=args.device, inception=args.inception,
-                        segmenter=args.segmenter, classifier=args.classifier,
-                        seg_steps=2000 if args.seg_steps is None else args.seg_steps,
+                        segmenter=args.segmenter, classifier=args.classifier, seg_steps=args.seg_steps,
                         ignore=args.ignore, save_images=not args.no_images)
     except (EvalError, ValueError) as e:  # ValueError: data.DatasetError, unknown dataset names
-        print(f"eval.py: error: {e}", file=sys.stderr)
+        print(f"eval.py: error: {(str(e).strip().splitlines() or [''])[-1]}", file=sys.stderr)
         sys.exit(2)
 
 

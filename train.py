@@ -67,8 +67,8 @@ class TrainConfig:
     image_dir: str = ""           # ... and of the matching images
     num_classes: int = 0          # custom: number of classes
     task: str = "semantic"        # semantic | crossview (LGGAN Sec. 4.1.1)
-    height: int = 64
-    width: int = 128
+    height: int = 0               # 0: the dataset's default (cpu preset: 64 high at the dataset's aspect, e.g.
+    width: int = 0                # synthetic 64x128, COCO 64x64; paper preset: 256x256, Cityscapes 256x512)
     preset: str = "cpu"           # cpu: narrow networks that train in minutes on a CPU; paper: the papers' widths
     batch_size: int = 4           # per process; the global batch is batch_size * world size
     steps: int = 2000             # optimiser steps (G and D once each)
@@ -87,6 +87,7 @@ class TrainConfig:
     compile: bool = False         # torch.compile G and D
     vgg: str = ""                 # VGG19 weights (torchvision layout): a path or URL; empty = perceptual loss off
     segmenter_steps: int = 600    # ECGAN only: steps to train the built-in label generator when none is given
+    cache_dir: str = ""           # ECGAN: trained G_l segmenters, keyed by data, size and steps ("": <out>/../cache)
     max_bad_steps: int = 10       # stop after this many non-finite losses in a row
     progress: bool = True         # tqdm bar
 
@@ -148,7 +149,7 @@ def parse_args(argv=None):
     if known.model not in MODELS:
         raise ConfigError(f"unknown model {known.model!r}; choose one of {sorted(MODELS)}")
     module = MODELS[known.model]
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
+    parser = data.ArgumentParser(description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_fields(parser, TrainConfig, "training")
     clash = {f.name for f in fields(TrainConfig)} & {f.name for f in fields(module.Config)}
@@ -167,11 +168,87 @@ def parse_args(argv=None):
             setattr(mcfg, name, value)
     if tcfg.task not in ("semantic", "crossview"):
         raise ConfigError(f"unknown task {tcfg.task!r}; choose semantic or crossview")
+    if tcfg.dataset not in data.NAMES:
+        raise ConfigError(f"unknown dataset {tcfg.dataset!r}; choose one of {', '.join(data.NAMES)}")
+    check_ranges(tcfg, mcfg)
+    name = "synthetic_crossview" if tcfg.task == "crossview" and tcfg.dataset == "synthetic" else tcfg.dataset
+    tcfg.height, tcfg.width = data.default_size(name, tcfg.height, tcfg.width, small=tcfg.preset == "cpu")
     # a task may come with its own paper defaults (LGGAN cross-view: Adam 2e-4, betas (0.5, 0.999), ...)
     for name, value in getattr(module, "TASK_DEFAULTS", {}).get(tcfg.task, {}).items():
         if name not in given:
             setattr(mcfg, name, value)
     return tcfg, mcfg
+
+
+# Model config fields with a lower bound (> 0 or >= 0); strings are checked by a dry build (validate_run).
+_POSITIVE = ("ngf", "ndf", "spade_hidden", "z_dim", "num_D", "n_layers_D", "n_layers", "proj_dim", "sim_stride",
+             "sim_chunk", "max_anchors", "max_per_class", "temperature", "lr_g", "lr_d", "enc_nf")
+
+
+def check_ranges(tcfg, mcfg):
+    """A ConfigError naming the flag, its value and what is expected, before anything is read or written."""
+    def need(ok, name, expected):
+        if not ok:
+            value = getattr(tcfg, name) if hasattr(tcfg, name) else getattr(mcfg, name)
+            raise ConfigError(f"--{name} {value!r}: expected {expected}")
+    for name in ("height", "width"):
+        need(getattr(tcfg, name) >= 0, name, "a positive size in pixels (0: the dataset's default)")
+    for name in ("steps", "batch_size", "sample_every", "ckpt_every", "num_samples", "segmenter_steps",
+                 "max_bad_steps"):
+        need(getattr(tcfg, name) >= 1, name, "an integer >= 1")
+    for name in ("workers", "stop_after", "seed", "num_classes"):
+        need(getattr(tcfg, name) >= 0, name, "an integer >= 0")
+    need(0 <= tcfg.decay_from <= 1, "decay_from", "a fraction of the steps in [0, 1]")
+    need(tcfg.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda")
+    need(tcfg.device != "cuda" or torch.cuda.is_available(), "device", "a visible CUDA device (none found)")
+    need(tcfg.amp in ("auto", "bf16", "fp16", "none"), "amp", "auto, bf16, fp16 or none")
+    for f in fields(mcfg):
+        v = getattr(mcfg, f.name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if f.name in _POSITIVE:
+            need(math.isfinite(v) and v > 0, f.name, "a number > 0")
+        elif f.name.startswith("lambda") or f.name == "lam":
+            need(math.isfinite(v) and v >= 0, f.name, "a loss weight >= 0")
+        elif f.name in ("beta1", "beta2"):
+            need(0 <= v < 1, f.name, "an Adam beta in [0, 1)")
+        elif isinstance(v, int):
+            need(v >= 0, f.name, "an integer >= 0")
+
+
+def validate_run(tcfg, mcfg, module, info):
+    """Before anything is written: the model builds at this size and with these settings (a dry build on the meta
+    device, no memory), the VGG file loads, a given ECGAN --segmenter file loads. Returns the VGG (or None)."""
+    import warnings
+    dry = mcfg
+    if getattr(mcfg, "use_label_gen", False) and hasattr(mcfg, "segmenter"):
+        if mcfg.segmenter and os.path.exists(mcfg.segmenter) or not _own_segmenter_path(mcfg, tcfg):
+            import eval as evaluation
+            try:
+                evaluation.load_segmenter(mcfg.segmenter, info)
+            except evaluation.EvalError as e:
+                raise ConfigError(f"--segmenter: {e}") from None
+        dry = dataclasses.replace(mcfg, use_label_gen=False)  # G_l itself is loaded (or trained) later
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            module.build(dry, info)
+    except (ValueError, TypeError, KeyError, NotImplementedError) as e:
+        raise ConfigError(f"{tcfg.model} cannot be built for {info.name} at {info.height}x{info.width} with these "
+                          f"settings: {_first_line(e)}") from None
+    if not tcfg.vgg:
+        return None
+    try:
+        return gaugan.load_vgg19(tcfg.vgg)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"--vgg {tcfg.vgg}: {_first_line(e)} (expected torchvision's vgg19 weights, a path or "
+                          f"URL)") from None
+
+
+def _own_segmenter_path(mcfg, tcfg):
+    """True where ECGAN trains its own G_l into the run folder (no --segmenter given)."""
+    out = tcfg.out or os.path.join("runs", tcfg.model)
+    return mcfg.segmenter == os.path.join(out, "segmenter.pt")
 
 
 def _restore_type(value, f):
@@ -345,6 +422,42 @@ def lr_factor(step, tcfg):
     return max(0.0, (tcfg.steps - step) / max(1, tcfg.steps - start))
 
 
+def label_generator_cache(tcfg, info, n_images):
+    """Where ECGAN's own G_l is cached: one file per dataset (name, root, folders), size, image count and steps,
+    so every run on the same data (each Table 3 row) trains it once."""
+    import hashlib
+    key = {"dataset": info.name, "task": info.task, "height": info.height, "width": info.width,
+           "steps": tcfg.segmenter_steps, "images": n_images, "num_classes": info.num_classes, "seed": 0,
+           "roots": [os.path.abspath(p) if p else "" for p in (tcfg.dataroot, tcfg.label_dir, tcfg.image_dir)]}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    out = os.path.abspath(tcfg.out or os.path.join("runs", tcfg.model))
+    folder = tcfg.cache_dir or os.path.join(os.path.dirname(out), "cache")
+    return os.path.join(folder, f"G_l_{info.name}_{info.height}x{info.width}_{tcfg.segmenter_steps}steps_{digest}.pt")
+
+
+def own_label_generator(tcfg, info, train_set, device, dest, say=print):
+    """ECGAN without --segmenter: G_l is the built-in segmenter trained on the real training images (never on
+    generated ones), taken from the cache when a run on the same data trained it before; copied into the run
+    folder (dest) so that the run keeps its own G_l."""
+    import shutil
+    import eval as evaluation
+    cache = label_generator_cache(tcfg, info, len(train_set))
+    try:
+        evaluation.load_segmenter(cache, info)
+        say(f"G_l: the built-in segmenter cached at {cache} ({tcfg.segmenter_steps} steps on these images)")
+    except evaluation.EvalError:  # absent (or damaged): train it
+        say(f"G_l: training the built-in segmenter on {len(train_set)} real {info.name} images for "
+            f"{tcfg.segmenter_steps} steps before step 1 (once: cached at {cache} for the next run on this data; "
+            f"--segmenter FILE skips it)")
+        t0 = time.time()
+        evaluation.train_segmenter(train_set, info, steps=tcfg.segmenter_steps, device=device, out_path=cache,
+                                   progress=tcfg.progress, say=say)
+        say(f"G_l trained in {time.time() - t0:.0f}s")
+    tmp = f"{dest}.tmp{os.getpid()}"
+    shutil.copyfile(cache, tmp)
+    os.replace(tmp, dest)  # atomic: a run folder never holds half a G_l
+
+
 def make_datasets(tcfg):
     name = tcfg.dataset
     if tcfg.task == "crossview" and name == "synthetic":
@@ -353,13 +466,14 @@ def make_datasets(tcfg):
     if tcfg.label_dir or tcfg.image_dir:  # folder pairs: one folder, no validation split of its own
         kw.update(label_dir=tcfg.label_dir or None, image_dir=tcfg.image_dir or None,
                   num_classes=tcfg.num_classes or None)
-        train_set = data.make_dataset(name, split="train", **kw)
-        return train_set, train_set
-    train_set = data.make_dataset(name, split="train", **kw)
+    # training jitter (random crop, flip) drawn from (seed, epoch, index): see data.LOAD_RATIO
+    train_set = data.make_dataset(name, split="train", jitter_seed=tcfg.seed, **kw)
+    if tcfg.label_dir or tcfg.image_dir:
+        return train_set, data.make_dataset(name, split="train", crop=False, flip=False, **kw)
     try:
         val_set = data.make_dataset(name, split="val", **kw)
-    except data.DatasetError:
-        val_set = train_set  # datasets without a validation split: sample from training images
+    except data.DatasetError:  # datasets without a validation split: sample from training images, as tested
+        val_set = data.make_dataset(name, split="train", crop=False, flip=False, **kw)
     return train_set, val_set
 
 
@@ -418,16 +532,14 @@ def train(tcfg: TrainConfig, mcfg):
         raise CheckpointError(f"{path}: dataset differs from the checkpoint's in "
                               f"{describe_differences(ckpt['info'], asdict(info))}")
     module = MODELS[tcfg.model]
+    vgg = validate_run(tcfg, mcfg, module, info)  # bad settings and files fail here, before anything is written
     if master:
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
 
     # ECGAN's label generator G_l is a frozen segmenter trained on real images only (never on generated ones).
     if train_own_segmenter:
         if master and not os.path.exists(mcfg.segmenter):
-            import eval as evaluation
-            say(f"training the built-in segmenter for G_l on real images ({tcfg.segmenter_steps} steps)")
-            evaluation.train_segmenter(train_set, info, steps=tcfg.segmenter_steps, device=device,
-                                       out_path=mcfg.segmenter)
+            own_label_generator(tcfg, info, train_set, device, mcfg.segmenter, say)
         if world > 1:
             dist.barrier()
 
@@ -439,7 +551,6 @@ def train(tcfg: TrainConfig, mcfg):
     amp = tcfg.amp if tcfg.amp != "auto" else ("bf16" if use_cuda else "none")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    vgg = gaugan.load_vgg19(tcfg.vgg) if tcfg.vgg else None
     if vgg is None:
         say("VGG19 weights not given (--vgg PATH_OR_URL): the perceptual loss is off")
     else:
@@ -541,6 +652,7 @@ def train(tcfg: TrainConfig, mcfg):
         while step < tcfg.steps:
             epoch, offset = divmod(step, per_epoch)
             sampler.set_epoch(epoch)
+            train_set.set_epoch(epoch)  # crops and flips from (seed, epoch, index): workers and resumes agree
             indices = list(sampler)[offset * tcfg.batch_size:]  # skip what this epoch already consumed
             loader = DataLoader(train_set, batch_size=tcfg.batch_size, sampler=indices, drop_last=True,
                                 num_workers=tcfg.workers, persistent_workers=False,
