@@ -9,7 +9,6 @@ Map of this file (Fig. 1 of the paper):
     attention_transfer        G_t: x * sigmoid(edge) + x, at feature level (Sec. 3.1) and content level (Eq. 1)
     edge_transfer_image       Eq. 1 on the images, with an optional range-preserving reading (eq1_range)
     semantic_reweight         Eq. 2: F_c' = F_c * sigmoid(AvgPool(F_c)) + F_c
-    semantic_reweight         Eq. 2: F_c' = F_c * sigmoid(AvgPool(F_c)) + F_c
     Branch                    G_e / G_i: n = 3 convs (C -> C/2 -> C/4 -> C/8), LeakyReLU before each, conv + tanh
     SemanticPreserving        G_s: concat(F, I', I_e', S) -> N-channel F_c -> Eq. 2 -> C+N+3+3 -> conv + tanh -> I''
     LabelGenerator            G_l: a frozen segmenter (eval.py's) that passes gradient to its input only
