@@ -408,3 +408,148 @@ def test_bad_colour_label_and_panel_layout(tmp_path):
     _panel_file(tmp_path / "cv/train/p.png", grey_a=np.full((8, 10), 200))
     with pytest.raises(DatasetError, match=r"p\.png: L_a panel value 200"):
         make_dataset("crossview", tmp_path / "cv")[0]
+
+
+# -----------------------------------------------------------------------------
+# GauGAN's preprocessing: training jitter (resize to size x 286/256, random crop, flip), plain resize in validation
+
+
+def test_load_size_is_286_at_256():
+    assert data.load_size(256, 256) == (286, 286) and data.load_size(256, 512) == (286, 572)
+    assert data.load_size(64, 64) == (72, 72)  # 71.5 rounds half up
+
+
+def _aligned_folder(root, H, W, n=3, classes=13):
+    """Facades-layout files already at the load size of (H, W): the crop is then a plain window of the file, and
+    the image's grey value encodes the label, so every window position can be checked."""
+    lh, lw = data.load_size(H, W)
+    labs = []
+    for k in range(n):
+        lab, img = _scene(lh, lw, n=classes, seed=10 + k)
+        _png(root / f"train_label/a{k}.png", lab)
+        _png(root / f"train_img/a{k}.png", img)
+        _png(root / f"val_label/a{k}.png", lab)
+        _png(root / f"val_img/a{k}.png", img)
+        labs.append(lab.astype(np.int64))
+    return labs
+
+
+def _window(full, crop):
+    """All (y, x) where crop (h, w) equals full[y:y+h, x:x+w]."""
+    h, w = crop.shape
+    return [(y, x) for y in range(full.shape[0] - h + 1) for x in range(full.shape[1] - w + 1)
+            if np.array_equal(full[y:y + h, x:x + w], crop)]
+
+
+def test_train_crop_shapes_alignment_and_reproducible(tmp_path):
+    H, W = 16, 24
+    labs = _aligned_folder(tmp_path, H, W)
+    ds = make_dataset("facades", tmp_path, "train", (H, W), flip=False, jitter_seed=5)
+    assert ds.crop and not make_dataset("facades", tmp_path, "val", (H, W)).crop
+    offsets = set()
+    for epoch in range(6):
+        ds.set_epoch(epoch)
+        for i in range(len(ds)):
+            d = ds[i]
+            assert d["image"].shape == (3, H, W) and d["label"].shape == d["instance"].shape == (H, W)
+            grey = ((d["image"][0] + 1) * 127.5).round().long()
+            assert torch.equal(grey, d["label"] * 255 // 12)  # image and label cut at one position
+            where = _window(labs[i], d["label"].numpy())
+            assert where, "the label is not a window of the file's label"
+            offsets.add(where[0])
+    assert len(offsets) > 3  # the position is random...
+    again = make_dataset("facades", tmp_path, "train", (H, W), flip=False, jitter_seed=5)
+    other = make_dataset("facades", tmp_path, "train", (H, W), flip=False, jitter_seed=6)
+    ds.set_epoch(3), again.set_epoch(3), other.set_epoch(3)
+    assert all(torch.equal(ds[i]["image"], again[i]["image"]) for i in range(3))  # ...and a function of (seed,
+    assert not all(torch.equal(ds[i]["label"], other[i]["label"]) for i in range(3))  # epoch, index)
+
+
+def test_validation_and_fixed_have_no_crop(tmp_path):
+    H, W = 16, 24
+    labs = _aligned_folder(tmp_path, H, W)
+    lh, lw = data.load_size(H, W)
+    val = make_dataset("facades", tmp_path, "val", (H, W))
+    for e in range(3):
+        val.set_epoch(e)
+        # the whole file resized to (H, W) by pixel-centre nearest sampling, never a window
+        r = ((np.arange(H) + 0.5) * lh / H).astype(int)
+        c = ((np.arange(W) + 0.5) * lw / W).astype(int)
+        assert np.array_equal(val[0]["label"].numpy(), labs[0][r][:, c])
+    # Cityscapes ("fixed"): the training split is resized, not cropped, and only flipped
+    for k, city in enumerate(["aachen", "bonn"]):
+        lab, img = _scene(H, W, seed=k, n=35)
+        _png(tmp_path / f"cs/leftImg8bit/train/{city}/{city}_0_{k}_leftImg8bit.png", img)
+        _png(tmp_path / f"cs/gtFine/train/{city}/{city}_0_{k}_gtFine_labelIds.png", lab)
+        _png(tmp_path / f"cs/gtFine/train/{city}/{city}_0_{k}_gtFine_instanceIds.png", lab)
+    cs = make_dataset("cityscapes", tmp_path / "cs", "train", (H, W))
+    assert not cs.crop and cs.flip
+    seen = set()
+    for e in range(12):
+        cs.set_epoch(e)
+        lab = torch.from_numpy(_scene(H, W, seed=1, n=35)[0]).long()
+        got = cs[1]["label"]
+        assert torch.equal(got, lab) or torch.equal(got, lab.flip(-1))
+        seen.add(torch.equal(got, lab))
+    assert seen == {True, False}
+
+
+def test_coco_sample_train_crop_and_val_resize(coco_sample):
+    train_ds = make_dataset("coco", coco_sample, "train", (64, 64), flip=False)
+    val = make_dataset("coco", coco_sample, "val", (64, 64))
+    assert (train_ds.crop, val.crop, val.flip) == (True, False, False)
+    lh, lw = data.load_size(64, 64)
+    for i in (0, 5):
+        d = train_ds[i]
+        assert d["image"].shape == (3, 64, 64) and d["label"].shape == d["instance"].shape == (64, 64)
+        ipath, lpath = train_ds.items[i]
+        raw = np.asarray(Image.open(lpath)).astype(np.int64)
+        full = data._resize_nearest(np.where(raw == 255, 182, raw), lh, lw)
+        where = _window(full, d["label"].numpy())
+        assert where
+        y, x = where[0]  # the image and the instance map were cut at the label's position
+        img = data._image_tensor(Image.open(ipath), lh, lw)[:, y:y + 64, x:x + 64]
+        assert torch.equal(d["image"], img)
+        inst = data._resize_nearest(np.asarray(Image.open(train_ds.instances[i])).astype(np.int64), lh, lw)
+        assert np.array_equal(d["instance"].numpy(), inst[y:y + 64, x:x + 64])
+    d = val[0]
+    raw = np.asarray(Image.open(val.items[0][1])).astype(np.int64)
+    assert np.array_equal(d["label"].numpy(), data._resize_nearest(np.where(raw == 255, 182, raw), 64, 64))
+
+
+@pytest.mark.slow
+def test_crops_and_flips_are_the_same_in_workers(tmp_path):
+    """What a DataLoader worker loads for (epoch, index) is what the main process loads: a mid-epoch resume (which
+    hands the remaining indices to fresh workers) sees the same crops and flips as an undisturbed run."""
+    _aligned_folder(tmp_path, 16, 24, n=6)
+    ds = make_dataset("facades", tmp_path, "train", (16, 24), jitter_seed=3)
+    ds.set_epoch(2)
+    order = [4, 1, 5, 0, 2, 3]
+    inline = [ds[i]["image"] for i in order]
+    loader = torch.utils.data.DataLoader(ds, batch_size=1, sampler=order[2:], num_workers=2)
+    assert all(torch.equal(b["image"][0], inline[2 + k]) for k, b in enumerate(loader))
+
+
+def test_cityscapes_train_ids_follow_the_official_table():
+    # REFERENCE.md, "Preprocessing": label id -> train id; every other id is ignored (255)
+    table = "7 0, 8 1, 11 2, 12 3, 13 4, 17 5, 19 6, 20 7, 21 8, 22 9, 23 10, 24 11, 25 12, 26 13, 27 14, 28 15, " \
+            "31 16, 32 17, 33 18"
+    want = torch.full((256,), 255)
+    for pair in table.split(", "):
+        k, v = map(int, pair.split())
+        want[k] = v
+    assert torch.equal(data.cityscapes_train_ids(torch.arange(256)), want)
+    assert len(data.CITYSCAPES_TRAIN_NAMES) == 19
+
+
+def test_each_dataset_has_its_own_default_size():
+    assert data.default_size("coco") == (64, 64) and data.default_size("coco", small=False) == (256, 256)
+    assert data.default_size("cityscapes") == (64, 128) and data.default_size("cityscapes", small=False) == (256, 512)
+    assert data.default_size("ade20k", height=128) == (128, 128)
+    assert data.default_size("cityscapes", width=256) == (128, 256)
+    assert data.default_size("synthetic") == (64, 128) and data.default_size("coco", 32, 96) == (32, 96)
+    import train
+    tcfg, _ = train.parse_args(["--model", "gaugan", "--dataset", "coco", "--dataroot", "x"])
+    assert (tcfg.height, tcfg.width) == (64, 64)  # not the synthetic scenes' 1:2
+    tcfg, _ = train.parse_args(["--model", "gaugan", "--dataset", "cityscapes", "--preset", "paper", "--vgg", "off"])
+    assert (tcfg.height, tcfg.width) == (256, 512)
