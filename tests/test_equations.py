@@ -292,15 +292,29 @@ def test_canny_thresholds_are_0075_and_0175_of_the_max_magnitude():
     Isolated steps of 0.185 (> 0.175: kept) and 0.165 (between: dropped, nothing strong to grow from) pin the
     high threshold; a step whose height ramps down along y from 0.4 (strong) to 0 is one 8-connected edge that
     hysteresis follows exactly down to the rows whose magnitude is 0.075 of the maximum (checked against a
-    reference magnitude computed here: /159 Gaussian, Sobel), which pins the low threshold."""
+    reference magnitude computed here: /159 Gaussian, Sobel), which pins the low threshold. A thin line pins
+    the smoothing."""
     Hc, Wc = 64, 96
     steps = [(12, 1.0), (24, 0.185), (36, 0.165)]  # (column where the step starts, height)
     col = torch.zeros(Wc, dtype=torch.float64)
     for c, h in steps:
         col[c:] += h
     gray = col.expand(Hc, Wc).clone()
-    ramp = (0.4 * (1 - (torch.arange(Hc, dtype=torch.float64) - 8) / 48)).clamp(0, 0.4)
+    # piecewise linear along y: 0.4 (strong) -> 0.1, then slowly (0.00125 per row) through 0.075 down to 0.05
+    knots = [(0, 0.4), (8, 0.4), (16, 0.1), (56, 0.05), (60, 0.0), (Hc - 1, 0.0)]
+    ramp = torch.zeros(Hc, dtype=torch.float64)
+    for (y0, h0), (y1, h1) in zip(knots[:-1], knots[1:]):
+        ys = torch.arange(y0, y1 + 1, dtype=torch.float64)
+        ramp[y0:y1 + 1] = h0 + (h1 - h0) * (ys - y0) / (y1 - y0)
     gray[:, 72:] += ramp[:, None]
+    # a 1 px line: the Gaussian spreads it, so its magnitude per unit height (c) is below a step's; at height
+    # 0.165 / c it sits between the thresholds and, isolated, is dropped (unsmoothed, its ratio would be 0.165 / c)
+    unit = lambda img: my_smoothed_magnitude(img).max()
+    line, step = torch.zeros(Hc, Wc, dtype=torch.float64), torch.zeros(Hc, Wc, dtype=torch.float64)
+    line[:, 48], step[:, 48:] = 1, 1
+    c = float(unit(line) / unit(step))
+    assert c < 0.5
+    gray[:, 48] += 0.165 / c
     ref = my_smoothed_magnitude(gray)
     top = ref.max()
     for c, h in steps:
@@ -310,8 +324,9 @@ def test_canny_thresholds_are_0075_and_0175_of_the_max_magnitude():
     e = data.canny(image)[0, 0]
     near = lambda c: e[:, c - 2:c + 2].amax(1) > 0  # an edge pixel within 2 px of column c, per row
     assert near(12)[4:-4].all() and near(24)[4:-4].all()  # 1.0, 0.185
-    assert not near(36).any()  # 0.165, isolated
-    strong, weak, below = ratio > 0.175, (ratio > 0.075 * 1.03) & (ratio < 0.175), ratio < 0.075 * 0.97
+    assert float(ref[:, 44:53].max() / top) == pytest.approx(0.165, rel=1e-6)
+    assert not near(36).any() and not near(48).any() and not near(50).any()  # 0.165 step and line, isolated
+    strong, weak, below = ratio > 0.175, (ratio > 0.075 * 1.015) & (ratio < 0.175), ratio < 0.075 * 0.985
     assert strong.sum() > 5 and weak.sum() > 10 and below.sum() > 10
     ramp_edge = near(72)
     assert ramp_edge[strong | weak].all()
