@@ -13,9 +13,11 @@ Map of this file (Fig. 1 of the paper):
     SemanticPreserving        G_s: concat(F, I', I_e', S) -> N-channel F_c -> Eq. 2 -> C+N+3+3 -> conv + tanh -> I''
     LabelGenerator            G_l: a frozen segmenter (eval.py's) that passes gradient to its input only
     ProjectionHead, sample_anchors, pixel_contrastive_loss   G_c: Eq. 5 on class-balanced pixels across the batch
+                              (and across ranks: gather_anchors), against a per-class memory bank of earlier steps
     ClassSpecificGenerator    Eqs. 6, 7: several spectral-normed convs per class on the class-masked contrastively
                               learned feature F, summed (Eq. 7); lggan.masked_l1 is Eq. 6 (the form of LGGAN's Eq. 3)
-    similarity_loss           Eq. 3: BCE between the M x M maps S^T S and S''^T S'' (naive and chunked)
+    similarity_loss           Eq. 3: BCE between the M x M maps S^T S and S''^T S'' over labelled pixel pairs
+                              (naive, and chunked with its gradient computed block by block)
     ECGANConfig, TABLE3       every hyperparameter, and the ablation rows of Table 3 as switches
     ECGANGenerator            E (GauGAN head + trunk) -> G_e, G_i, G_t -> G_s -> I''; G_l, G_c alongside
     model interface           Config, build, g_step (Eq. 10), d_step (Eqs. 8, 9 on one multi-modality D), sample
@@ -29,8 +31,16 @@ Choices where the paper is silent (each is named again where it is made):
       Eq. 6's L1 has no stated weight: lambda_l1 = 1 (LGGAN's).
     - Eq. 3 runs at 1/sim_stride = 1/4 of the image size (Cityscapes 256x512 -> 64x128, M = 8192): M^2 at full
       size is 1.7e10 per image. S' and S'' are area-pooled probabilities, S the nearest-downsampled one-hot.
-    - Eq. 5: temperature 0.1, projection head to 256-d, at most 1,024 anchors (100 per class) sampled across
-      the batch, dontcare pixels excluded (the pixel-contrast-for-segmentation design, REFERENCE.md).
+    - Eq. 3 over the real classes: S without the dontcare channel, so an unlabelled pixel's row is zero and it
+      takes part in no pair; S'' without the segmenter's dontcare channel (G_l is trained to ignore it). The
+      mean runs over the pairs of labelled pixels of each image, then over the images that have any.
+    - Eq. 5: temperature 0.1, projection head (two 1x1 convs) to 256-d, at most 1,024 anchors (100 per class)
+      sampled across the batch, dontcare pixels excluded (the pixel-contrast-for-segmentation design,
+      REFERENCE.md). Each positive's term has one positive and all negatives in its denominator, as written.
+    - Eq. 5 across images (Sec. 3.3): under DDP every rank's anchors are gathered (the local part keeps its
+      gradient); a memory bank keeps the last bank_per_class = 200 detached, L2-normalised anchor embeddings of
+      each class from earlier G steps as extra positives and negatives, never anchors (FIFO, saved in the
+      checkpoint; bank_per_class=0 turns it off). The paper gives no size; see ECGANGenerator.update_bank.
     - Learning rates: App. B gives Adam betas (0, 0.999) only; GauGAN's 1e-4 (G) and 4e-4 (D).
     - G_c's "several convolutional layers" per class: 3 (class_layers; App. B's n for G_i, G_e, G_s) 3x3 convs of
       width 16 (class_width: the first layer then costs what LGGAN's per-class 7x7 conv costs), spectral-normed
@@ -48,6 +58,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
@@ -200,64 +211,108 @@ def sample_anchors(labels, max_anchors=1024, max_per_class=100, ignore_index=Non
     return torch.cat(picks)
 
 
-def pixel_contrastive_loss(emb, labels, temperature=0.1, impl="vectorized"):
-    """Eq. 5 over M pixel embeddings emb (M, D) with class ids labels (M,).
+def pixel_contrastive_loss(emb, labels, temperature=0.1, impl="vectorized", bank_emb=None, bank_labels=None):
+    """Eq. 5 over M anchor embeddings emb (M, D) with class ids labels (M,), optionally against a memory bank
+    bank_emb (K, D), bank_labels (K,) of pixels from earlier batches.
 
-    Every sample is an anchor i; its positives are the other samples of its class and its negatives
-    all samples of other classes. Each (i, i+) term has ONE positive plus all negatives in the
-    denominator (unlike SupCon, which puts all positives there). Terms are averaged over the
-    positives of i, then over the anchors that have at least one positive. Returns a zero that
-    keeps the graph if no anchor has a positive.
+    Every row of emb is an anchor i; its positives are the other rows of its class and its negatives the rows of
+    other classes, among emb and the bank alike. Bank rows are positives and negatives only, never anchors (Sec.
+    3.3: positives and negatives "not restricted to being from the same image"). Each (i, i+) term has ONE positive
+    plus all negatives in the denominator (unlike SupCon, which puts all positives there). Terms are averaged
+    over the positives of i, then over the anchors that have at least one positive. Returns a zero that keeps
+    the graph if no anchor has a positive. Both impls work in log space (logsumexp): finite at any temperature.
     """
     if impl not in ("naive", "vectorized"):
         raise ValueError(f"ecgan.pixel_contrastive_loss: impl must be 'naive' or 'vectorized', got {impl!r}")
     if emb.dim() != 2 or labels.shape != emb.shape[:1]:
         raise ValueError(f"ecgan.pixel_contrastive_loss: emb must be (M, D) and labels (M,), got "
                          f"{tuple(emb.shape)} and {tuple(labels.shape)}")
+    if (bank_emb is None) != (bank_labels is None):
+        raise ValueError("ecgan.pixel_contrastive_loss: give both bank_emb and bank_labels, or neither")
+    if bank_emb is None:
+        bank_emb, bank_labels = emb.new_zeros(0, emb.shape[1]), labels.new_zeros(0)
+    if bank_emb.dim() != 2 or bank_emb.shape[1] != emb.shape[1] or bank_labels.shape != bank_emb.shape[:1]:
+        raise ValueError(f"ecgan.pixel_contrastive_loss: bank_emb must be (K, {emb.shape[1]}) and bank_labels (K,), "
+                         f"got {tuple(bank_emb.shape)} and {tuple(bank_labels.shape)}")
     with torch.autocast(emb.device.type, enabled=False):  # exp/log of 1/t-scaled logits: keep float32
-        z = F.normalize(emb.float() if emb.dtype in (torch.float16, torch.bfloat16) else emb, dim=1)  # Eq. 4
+        lift = lambda x: x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        z, zb = F.normalize(lift(emb), dim=1), F.normalize(lift(bank_emb), dim=1).to(lift(emb).dtype)  # Eq. 4
         fn = _contrast_naive if impl == "naive" else _contrast_vectorized
-        return fn(z, labels, temperature)
+        return fn(z, labels, temperature, zb, bank_labels)
 
 
-def _contrast_naive(z, labels, t):
-    # Loops over anchors and positives exactly as Eq. 5 is written.
+def _contrast_naive(z, labels, t, zb, lb):
+    # Loops over anchors and positives exactly as Eq. 5 is written, each term in log space:
+    # -log(e^{l+} / (e^{l+} + sum_- e^{l-})) = logsumexp(l+, l-_1, l-_2, ...) - l+
+    zc, lc = torch.cat([z, zb]), torch.cat([labels, lb])  # anchors' candidates: the anchors, then the bank
     per_anchor = []
     for i in range(len(z)):
-        pos = [p for p in range(len(z)) if p != i and labels[p] == labels[i]]
+        pos = [p for p in range(len(zc)) if p != i and lc[p] == labels[i]]
         if not pos:
             continue
-        neg = labels != labels[i]
-        neg_sum = torch.exp(z[neg] @ z[i] / t).sum()
+        neg_logits = zc[lc != labels[i]] @ z[i] / t  # (n_neg,)
         terms = []
         for p in pos:
-            e_pos = torch.exp(z[i] @ z[p] / t)
-            terms.append(-torch.log(e_pos / (e_pos + neg_sum)))
+            l_pos = (z[i] @ zc[p] / t).reshape(1)
+            terms.append(torch.logsumexp(torch.cat([l_pos, neg_logits]), 0) - l_pos[0])
         per_anchor.append(torch.stack(terms).mean())
     if not per_anchor:
-        return z.sum() * 0.0
+        return z.sum() * 0.0 + zb.sum() * 0.0
     return torch.stack(per_anchor).mean()
 
 
-def _contrast_vectorized(z, labels, t):
+def _contrast_vectorized(z, labels, t, zb, lb):
     M = len(z)
-    if M == 0:  # e.g. an all-dontcare batch: nothing sampled
-        return z.sum() * 0.0
-    logits = z @ z.t() / t  # (M, M)
-    # Stable: subtract each row's max (the anchor itself, 1/t); the loss is shift-invariant per row.
-    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
-    same = labels[:, None] == labels[None, :]
-    pos = same & ~torch.eye(M, dtype=torch.bool, device=z.device)
-    neg = ~same
-    e = logits.exp()
-    neg_sum = (e * neg).sum(dim=1, keepdim=True)  # (M, 1): sum over i- of exp(i . i- / t)
-    # -log(e_ip / (e_ip + neg_sum)) = log(e_ip + neg_sum) - logit_ip; e_ip > 0 so the log is finite
-    terms = (torch.log(e + neg_sum) - logits) * pos  # (M, M), zero off the positives
+    zc, lc = torch.cat([z, zb]), torch.cat([labels, lb])  # (M + K, D): the anchors, then the bank
+    logits = (z / t) @ zc.t()  # (M, M + K); 1/t on the (M, D) side: one pass less over the big matrix
+    same = labels[:, None] == lc[None, :]
+    pos = same.clone()
+    pos[:, :M].fill_diagonal_(False)  # an anchor is not its own positive
     n_pos = pos.sum(dim=1)
     has_pos = n_pos > 0
-    if not has_pos.any():
-        return z.sum() * 0.0
-    return (terms.sum(dim=1)[has_pos] / n_pos[has_pos]).mean()
+    if not has_pos.any():  # also M = 0, e.g. an all-dontcare batch: nothing sampled
+        return logits.sum() * 0.0 + z.sum() * 0.0 + zb.sum() * 0.0
+    # log sum_- exp(l-) per anchor; a finite fill (not -inf) keeps the gradient finite when there is no negative
+    lse_neg = torch.logsumexp(logits.masked_fill(same, torch.finfo(logits.dtype).min), dim=1, keepdim=True)
+    terms = F.softplus(lse_neg - logits)  # = log(e^l + sum_- e^l-) - l = -log(e^l / (e^l + sum_- e^l-))
+    return ((terms * pos).sum(dim=1)[has_pos] / n_pos[has_pos]).mean()
+
+
+def gather_anchors(emb, labels):
+    """Sec. 3.3 across processes: under torch.distributed (initialised, world > 1) the sampled anchors of every
+    rank, concatenated in rank order, so each rank's Eq. 5 contrasts the anchors of the global batch (with batch
+    1 per GPU, otherwise single-image contrast). Ranks may sample different counts: sizes are gathered first and
+    the pieces padded to the largest. The other ranks' pieces are detached; the local one keeps its graph, with
+    its gradient scaled by the world size: DDP averages the ranks' gradients, and rank r's loss reaches only
+    rank r's rows, so the average is then exactly the gradient of Eq. 5 over the global anchors. A no-op in one
+    process. emb (K, D), labels (K,) -> (sum K_r, D), (sum K_r,)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return emb, labels
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    if world == 1:
+        return emb, labels
+    dist = torch.distributed
+    n = torch.tensor([len(emb)], device=emb.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    m = max(sizes)
+    pad = lambda x: torch.cat([x, x.new_zeros(m - len(x), *x.shape[1:])])
+    embs = [emb.new_empty(m, emb.shape[1]) for _ in range(world)]
+    labs = [labels.new_empty(m) for _ in range(world)]
+    dist.all_gather(embs, pad(emb.detach()))
+    dist.all_gather(labs, pad(labels))
+    return concat_ranks(emb, labels, [e[:k] for e, k in zip(embs, sizes)], [lab[:k] for lab, k in zip(labs, sizes)],
+                        rank)
+
+
+def concat_ranks(emb, labels, embs, labs, rank):
+    """gather_anchors' assembly: the gathered pieces in rank order with rank `rank`'s replaced by the local emb,
+    whose value is unchanged and whose gradient is multiplied by the world size (see gather_anchors)."""
+    world = len(embs)
+    local = emb + (world - 1) * (emb - emb.detach())  # value emb, gradient x world
+    return (torch.cat([local if r == rank else e for r, e in enumerate(embs)]),
+            torch.cat([labels if r == rank else lab for r, lab in enumerate(labs)]))
 
 
 # ----------------------------------------------------------------------------- similarity loss (Sec. 3.2, Eq. 3)
@@ -338,12 +393,12 @@ def _sim_blocks(p, lab, eps, starts, chunk, need_grad):
     p (N, V), lab (V,) -> (sum, grad (N, V) or None)."""
     N, V = p.shape
     rows = min(chunk, V)
-    q_buf, diff_buf, abs_buf = (p.new_empty(rows, V) for _ in range(3))
+    q_buf, diff_buf = p.new_empty(rows, V), p.new_empty(rows, V)
     total = p.new_zeros(())
     grad = p.new_empty(N, V) if need_grad else None
     for r in starts:
         n = min(chunk, V - r)
-        q, diff, s_abs = q_buf[:n], diff_buf[:n], abs_buf[:n]
+        q, diff = q_buf[:n], diff_buf[:n]
         torch.matmul(p[:, r:r + n].t(), p, out=q)  # (n, V) rows of A''
         held = None  # where the clamp holds q: no gradient there; found only if some q is out of range
         if need_grad:
@@ -351,7 +406,7 @@ def _sim_blocks(p, lab, eps, starts, chunk, need_grad):
             held = (q < eps) | (q > 1 - eps) if lo < eps or hi > 1 - eps else None
         torch.ne(lab[r:r + n, None], lab[None, :], out=diff)  # (n, V) rows of 1 - A
         s = q.clamp_(eps, 1 - eps).sub_(diff)  # q (same class) or q - 1 (different)
-        total = total - torch.abs(s, out=s_abs).log_().sum()  # Eq. 3's terms, -log|s|
+        total = total - torch.abs(s, out=diff).log_().sum()  # Eq. 3's terms, -log|s| (diff's buffer reused)
         if need_grad:
             g = s.reciprocal_()  # -dL/dq
             if held is not None:
@@ -514,6 +569,7 @@ class ECGANConfig:
     max_anchors: int = 1024               # anchors per batch across images (pixel contrast literature)
     max_per_class: int = 100              # per-class anchor cap, class balance (pixel contrast literature)
     contrast_impl: str = "vectorized"     # "vectorized" | "naive" (loops like Eq. 5; tests only)
+    bank_per_class: int = 200             # memory bank rows per class (ours; 0 = off); see ECGANGenerator.update_bank
     class_impl: str = "vectorized"        # G_c per-class convs: "vectorized" (present classes only) | "naive" (loop)
     class_layers: int = 3                 # convs per class: "several" (Sec. 3.3); 3 = App. B's n for G_i, G_e, G_s
     class_width: int = 16                 # their hidden width (ours: first layer's cost = LGGAN's 7x7 64->3 conv)
@@ -578,6 +634,10 @@ class ECGANGenerator(nn.Module):
         self.edge_branch = Branch(nf, cfg.n_layers, cfg.spectral) if cfg.use_edge else None  # G_e
         if cfg.use_contrast:
             self.projection = ProjectionHead(nf, cfg.proj_dim, cfg.spectral)
+            if cfg.bank_per_class > 0:  # Eq. 5's memory bank: buffers, so the checkpoint holds it and resume is exact
+                self.register_buffer("bank_emb", torch.zeros(info.num_classes, cfg.bank_per_class, cfg.proj_dim))
+                self.register_buffer("bank_count", torch.zeros(info.num_classes, dtype=torch.long))  # filled rows
+                self.register_buffer("bank_next", torch.zeros(info.num_classes, dtype=torch.long))  # oldest row
             self.class_generator = ClassSpecificGenerator(info.num_classes, nf, cfg.class_layers, cfg.class_width,
                                                           cfg.spectral, cfg.class_impl)
         if cfg.use_semantic:  # G_s input: F, I', I_e', S (+ I_g with class_to_gs); F' has C + N + 3 + 3 channels
@@ -587,12 +647,45 @@ class ECGANGenerator(nn.Module):
         # G_l last: its pretrained weights must not be re-initialised
         self.label_generator = make_label_generator(cfg, info) if cfg.use_label_gen else None
 
+    def bank_contents(self):
+        """The memory bank's filled rows (n, proj_dim) and their classes (n,): a copy, so this step's update
+        leaves what Eq. 5 sees this step unchanged."""
+        C, K = self.bank_emb.shape[:2]
+        filled = torch.arange(K, device=self.bank_emb.device)[None, :] < self.bank_count[:, None]  # (C, K)
+        classes = torch.arange(C, device=self.bank_emb.device)[:, None].expand(C, K)
+        return self.bank_emb[filled], classes[filled]
+
+    @torch.no_grad()
+    def update_bank(self, emb, labels):
+        """Sec. 3.3 asks for "the global context of the whole dataset"; a batch (1 image per GPU in the paper's
+        runs) holds a few images. The bank keeps, per class, the bank_per_class most recent detached,
+        L2-normalised anchor embeddings (FIFO: each class's new rows overwrite its oldest), every anchor of each
+        G step (all ranks' under DDP, so every rank holds the same bank). The paper gives no size. Cross-image
+        pixel contrast for segmentation keeps 5,000 per class, 10 pixels per class and image pushed per step
+        (~30 steps of 16 images). 200 here: with 1,024 anchors over Cityscapes' 35 classes (~29 per class per
+        step) it spans the last ~7 steps, a dozen images beyond the batch, and keeps the ECGAN step within 1.2x
+        its bankless time at the cpu preset (ecgan.bench: 500 measured 1.24x); 5,000 is one flag away."""
+        C, K = self.bank_emb.shape[:2]
+        z = F.normalize(emb.detach().float(), dim=1).to(self.bank_emb.dtype)
+        order = torch.argsort(labels, stable=True)
+        lab, z = labels[order], z[order]
+        counts = torch.bincount(labels, minlength=C)
+        rank = torch.arange(len(lab), device=lab.device) - (counts.cumsum(0) - counts)[lab]  # index within class
+        keep = rank < K  # over K new rows of one class: its first K (rows are in random order, sample_anchors)
+        lab, rank, z = lab[keep], rank[keep], z[keep]
+        self.bank_emb[lab, (self.bank_next[lab] + rank) % K] = z
+        pushed = counts.clamp(max=K)
+        self.bank_next.copy_((self.bank_next + pushed) % K)
+        self.bank_count.copy_((self.bank_count + pushed).clamp(max=K))
+
     def forward(self, seg, image=None, z=None, aux=True):
         """seg (B, input_nc, H, W) = one-hot (+ instance boundaries); image: style image (use_vae only).
         aux=False skips what only the G loss needs (label generator, contrastive sampling).
         Returns a dict of (B, ., H, W) tensors: fake (I''), intermediate (I'), edge (I_e'), class (I_g), the
-        segmenter's probabilities seg_1 (of I') and seg_2 (of I'') at the similarity resolution, emb and
-        emb_labels (K sampled pixels), kld."""
+        segmenter's probabilities seg_1 (of I') and seg_2 (of I'') over the real classes at the similarity
+        resolution with their target seg_target, emb and emb_labels (the K sampled pixels, of every rank under
+        DDP), bank_emb and bank_labels (the memory bank before this step's update), kld. A training-mode forward
+        with aux and grad enabled (a G step) pushes the anchors into the bank."""
         cfg, out = self.cfg, {}
         if self.style_encoder is not None and image is not None and z is None:
             mu, logvar = self.style_encoder(image)
@@ -619,12 +712,16 @@ class ECGANGenerator(nn.Module):
         if cfg.use_contrast:  # G_c on the shared feature F: Eqs. 6, 7
             out["class_images"], out["class_idx"] = self.class_generator(feat, masks)  # (B, K, 3, H, W)
             out["class"] = out["class_images"].sum(1)  # Eq. 7: I_g = I_g1 + ... + I_gN (absent classes are 0)
-            if aux:  # Eq. 5 inputs: class-balanced pixels from the whole batch, projected and labelled
+            if aux:  # Eq. 5 inputs: class-balanced pixels from the whole batch (of every rank), projected, labelled
                 labels = onehot.argmax(1).flatten()  # (B*H*W,), dontcare = num_classes
                 idx = sample_anchors(labels, cfg.max_anchors, cfg.max_per_class,
                                      self.num_classes if self.dontcare else None)
                 pixels = feat.permute(0, 2, 3, 1).reshape(-1, feat.shape[1])[idx]  # (K, C)
-                out["emb"], out["emb_labels"] = self.projection(pixels), labels[idx]
+                out["emb"], out["emb_labels"] = gather_anchors(self.projection(pixels), labels[idx])
+                if cfg.bank_per_class > 0:  # earlier steps' pixels: more positives and negatives, never anchors
+                    out["bank_emb"], out["bank_labels"] = self.bank_contents()
+                    if self.training and torch.is_grad_enabled():  # a G step; D steps and sampling leave it
+                        self.update_bank(out["emb"], out["emb_labels"])
 
         if cfg.use_semantic:
             parts = [feat, img] + ([out["edge"]] if "edge" in out else []) + [seg]
@@ -710,7 +807,8 @@ def g_step(G, D, batch, cfg, vgg=None):
         logs["G_sim"] = cfg.lambda_s * sum(sims)
     if "emb" in out:
         logs["G_contrast"] = cfg.lambda_l * pixel_contrastive_loss(out["emb"], out["emb_labels"], cfg.temperature,
-                                                                   cfg.contrast_impl)
+                                                                   cfg.contrast_impl, out.get("bank_emb"),
+                                                                   out.get("bank_labels"))
         logs["G_l1"] = cfg.lambda_l1 * lggan.masked_l1(out["class_images"], out["class_idx"], batch["onehot"], real)
     if "kld" in out:
         logs["G_kld"] = cfg.lambda_kld * out["kld"]
@@ -822,9 +920,9 @@ def bench(device="cpu"):
     from data import DataInfo
     torch.manual_seed(0)
     # Eq. 5 at 1,024 anchors (the max_anchors default), 256-d, 20 classes; forward + backward
-    (_, t_vec, _), (_, t_naive, _) = bench_contrastive(device)
-    print(f"| contrastive Eq. 5, 1024 anchors | vectorized {t_vec * 1e3:.1f} ms | naive {t_naive:.2f} s | "
-          f"{t_naive / t_vec:.0f}x |")
+    (_, t_vec, _), (_, t_naive, m) = bench_contrastive(device, naive_anchors=256)
+    print(f"| contrastive Eq. 5, 1024 anchors | vectorized {t_vec * 1e3:.1f} ms | naive {t_naive:.2f} s "
+          f"(x (1024/{m})^2 from {m} anchors) | {t_naive / t_vec:.0f}x |")
     # Eq. 3, naive vs chunked (forward + backward), N = 35 (Cityscapes), chunk 1024
     rows = bench_similarity(device)
     for (B, H, W), impl, t, mem in rows:
@@ -848,18 +946,35 @@ def bench(device="cpu"):
     import data
     batch = data.prepare_batch({"image": torch.rand(2, 3, 64, 128, device=device) * 2 - 1, "label": label,
                                 "instance": label}, info, device, edges=True)
-    steps = {}
+    # ECGAN with its memory bank (full, the steady state) and without (bank_per_class=0); the three steps are
+    # timed in turn, 5 rounds, medians, so that a shared machine's load falls on all of them alike
+    runs = {}
     for name, module, cfg in (("gaugan", gaugan, gaugan.GauGANConfig(ngf=16, ndf=16)),
+                              ("ecgan, no bank", sys.modules[__name__],
+                               ECGANConfig(ngf=16, ndf=16, proj_dim=32, bank_per_class=0)),
                               ("ecgan", sys.modules[__name__], ECGANConfig(ngf=16, ndf=16, proj_dim=32))):
         G, D = module.build(cfg, info)
         G, D = G.to(device), D.to(device)
+        if getattr(cfg, "bank_per_class", 0) > 0:
+            G.bank_emb.copy_(F.normalize(torch.randn_like(G.bank_emb), dim=2))
+            G.bank_count.fill_(cfg.bank_per_class)
 
-        def step():
+        def step(module=module, G=G, D=D, cfg=cfg):
             module.g_step(G, D, batch, cfg)[0].backward()
             module.d_step(G, D, batch, cfg)[0].backward()
-        steps[name] = _timed(step)
-        print(f"| step time, ngf 16, 64x128, batch 2 | {name} | {steps[name] * 1e3:.0f} ms |")
+        step()  # warm-up
+        runs[name] = (step, [])
+    for _ in range(5):
+        for step, times in runs.values():
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    steps = {name: sorted(times)[len(times) // 2] for name, (_, times) in runs.items()}
+    for name, t in steps.items():
+        print(f"| step time, ngf 16, 64x128, batch 2 | {name} | {t * 1e3:.0f} ms |")
     print(f"| step time ratio ecgan / gaugan | {steps['ecgan'] / steps['gaugan']:.2f} |")
+    print(f"| step time ratio ecgan (bank {ECGANConfig.bank_per_class}/class) / ecgan without bank | "
+          f"{steps['ecgan'] / steps['ecgan, no bank']:.2f} |")
 
 
 if __name__ == "__main__":

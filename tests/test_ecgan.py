@@ -53,6 +53,132 @@ def test_contrastive_bad_impl_names_file():
         ecgan.pixel_contrastive_loss(torch.randn(3, 2), torch.tensor([0, 0, 1]), impl="fast")
 
 
+BANKS = {  # (anchor labels, bank labels)
+    "bank_adds_positives": ([0, 0, 1, 2, 2], [0, 1, 1, 2, 3]),  # class 1's anchor has positives only in the bank
+    "bank_only_negatives": ([0, 0, 0], [5, 6, 6]),  # the anchors' negatives are all bank rows
+    "no_positive_anywhere": ([0, 1], [2, 3]),  # bank rows are never anchors: loss 0
+}
+
+
+@pytest.mark.parametrize("name", list(BANKS))
+def test_contrastive_bank_naive_equals_vectorized(name):
+    labels, bank_labels = (torch.tensor(x) for x in BANKS[name])
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(len(labels), 5, generator=g, dtype=torch.float64)
+    bank = torch.randn(len(bank_labels), 5, generator=g, dtype=torch.float64)
+    out = {}
+    for impl in ("naive", "vectorized"):
+        e, b = emb.clone().requires_grad_(True), bank.clone().requires_grad_(True)
+        loss = ecgan.pixel_contrastive_loss(e, labels, 0.1, impl, b, bank_labels)
+        loss.backward()
+        out[impl] = (loss.detach(), e.grad, b.grad)
+    for a, v in zip(out["naive"], out["vectorized"]):
+        torch.testing.assert_close(a, v)
+    if name == "no_positive_anywhere":
+        assert out["vectorized"][0].item() == 0
+    else:  # the bank changes the loss
+        assert out["vectorized"][0].item() != pytest.approx(ecgan.pixel_contrastive_loss(emb, labels, 0.1).item())
+
+
+def test_contrastive_bank_rows_are_never_anchors_closed_form():
+    # anchors a0 = a1 = (1, 0) of class 0; bank b0 = (0, 1) of class 0, b1 = (0, 1) of class 1. Each anchor has
+    # positives a_other (logit 1/t) and b0 (logit 0), and one negative b1 (logit 0):
+    # Eq. 5 = (-log(e^{1/t} / (e^{1/t} + 1)) - log(1 / (1 + 1))) / 2. Were b0 an anchor, its positives (logit 0
+    # against a negative at 1/t) would add a term near 1/t.
+    t = 0.5
+    emb = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    bank = torch.tensor([[0.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
+    expected = (-math.log(math.exp(1 / t) / (math.exp(1 / t) + 1)) + math.log(2)) / 2
+    for impl in ("naive", "vectorized"):
+        loss = ecgan.pixel_contrastive_loss(emb, torch.tensor([0, 0]), t, impl, bank, torch.tensor([0, 1]))
+        assert loss.item() == pytest.approx(expected)
+
+
+def test_contrastive_small_temperature_float32():
+    # at t = 0.01 exp(i . i+ / t) reaches e^100, past float32's range: both impls work in log space
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
+    g = torch.Generator().manual_seed(0)
+    emb, bank = torch.randn(8, 6, generator=g), torch.randn(5, 6, generator=g)
+    emb[1] = emb[0] + 0.01 * emb[1]  # a near-duplicate positive: logit close to 1/t
+    bank_labels = torch.tensor([0, 1, 2, 3, 3])
+    out = {}
+    for impl in ("naive", "vectorized"):
+        e = emb.clone().requires_grad_(True)
+        loss = ecgan.pixel_contrastive_loss(e, labels, 0.01, impl, bank, bank_labels)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(e.grad).all(), impl
+        out[impl] = (loss.detach(), e.grad)
+    torch.testing.assert_close(out["naive"][0], out["vectorized"][0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out["naive"][1], out["vectorized"][1], rtol=1e-3, atol=1e-3)
+    ref = ecgan.pixel_contrastive_loss(emb.double(), labels, 0.01, "naive", bank.double(), bank_labels)
+    assert out["vectorized"][0].item() == pytest.approx(ref.item(), rel=1e-4)
+
+
+def test_contrastive_bank_shape_errors():
+    emb, labels = torch.randn(3, 4), torch.tensor([0, 0, 1])
+    with pytest.raises(ValueError, match="both bank_emb and bank_labels"):
+        ecgan.pixel_contrastive_loss(emb, labels, bank_emb=torch.randn(2, 4))
+    with pytest.raises(ValueError, match=r"bank_emb must be \(K, 4\)"):
+        ecgan.pixel_contrastive_loss(emb, labels, bank_emb=torch.randn(2, 5), bank_labels=torch.tensor([0, 1]))
+
+
+def test_concat_ranks_order_values_and_gradient_scale():
+    """gather_anchors' assembly with a fake gather: rank 1 of 3, pieces of 2, 3 and 1 rows in rank order; the
+    local rows keep their values and receive world x the gradient (DDP then averages over the 3 ranks)."""
+    g = torch.Generator().manual_seed(0)
+    pieces = [torch.randn(k, 4, generator=g) for k in (2, 3, 1)]
+    labs = [torch.tensor([0, 1]), torch.tensor([1, 1, 2]), torch.tensor([0])]
+    local = pieces[1].clone().requires_grad_(True)
+    emb, labels = ecgan.concat_ranks(local, labs[1], [p.clone() for p in pieces], labs, rank=1)
+    torch.testing.assert_close(emb, torch.cat(pieces), rtol=0, atol=0)
+    assert labels.tolist() == [0, 1, 1, 1, 2, 0]
+    w = torch.randn(6, 4, generator=g)
+    (emb * w).sum().backward()
+    torch.testing.assert_close(local.grad, 3 * w[2:5])
+    assert ecgan.gather_anchors(local, labs[1])[0] is local  # one process: a no-op
+
+
+def _gather_worker(rank, world, init_file, out_file):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 6)  # the same weights on both ranks, as DDP keeps them
+    x, labels = _gather_inputs()[rank]
+    emb, lab = ecgan.gather_anchors(lin(x), labels)
+    loss = ecgan.pixel_contrastive_loss(emb, lab, 0.5)
+    loss.backward()
+    grad = lin.weight.grad.clone()
+    dist.all_reduce(grad)  # what DDP does: the mean of the ranks' gradients
+    grad /= world
+    torch.save({"loss": loss.detach(), "grad": grad, "labels": lab}, f"{out_file}.{rank}")
+    dist.destroy_process_group()
+
+
+def _gather_inputs():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(5, 4, generator=g), torch.tensor([0, 0, 1, 2, 2])),  # rank 0: 5 anchors
+            (torch.randn(3, 4, generator=g), torch.tensor([1, 2, 0]))]  # rank 1: 3 anchors
+
+
+@pytest.mark.slow
+def test_gather_anchors_two_gloo_processes_equal_one_process(tmp_path):
+    """Two CPU processes (gloo) with different anchor counts: each rank's Eq. 5 over the gathered anchors equals
+    one process's over the concatenated batch, and the rank-averaged gradient equals its gradient."""
+    import torch.multiprocessing as mp
+    mp.spawn(_gather_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 6)
+    x = torch.cat([x for x, _ in _gather_inputs()])
+    labels = torch.cat([lab for _, lab in _gather_inputs()])
+    loss = ecgan.pixel_contrastive_loss(lin(x), labels, 0.5)
+    loss.backward()
+    for rank in range(2):
+        res = torch.load(tmp_path / f"out.{rank}", weights_only=True)
+        assert res["labels"].tolist() == labels.tolist()
+        torch.testing.assert_close(res["loss"], loss.detach())
+        torch.testing.assert_close(res["grad"], lin.weight.grad)
+
+
 # ----------------------------------------------------------------------------- similarity loss (Eq. 3)
 
 def _rand_probs_and_onehot(B=2, N=4, H=6, W=5, seed=0):
@@ -488,3 +614,69 @@ def test_eq1_range_half_keeps_the_model_output_in_image_range():
     assert half["fake"].abs().max() <= 1 and paper["fake"].abs().max() > 1.5
     with pytest.raises(ValueError, match="eq1_range='clamp'"):
         ecgan.build(*tiny(eq1_range="clamp"))
+
+
+# ----------------------------------------------------------------------------- memory bank (Sec. 3.3)
+
+def test_memory_bank_fifo_per_class():
+    cfg, info = tiny(bank_per_class=3)
+    G, _ = ecgan.build(cfg, info)
+    rows = F.normalize(torch.randn(10, cfg.proj_dim), dim=1)
+    G.update_bank(rows[:2] * 5, torch.tensor([0, 0]))  # stored L2-normalised
+    G.update_bank(rows[2:5], torch.tensor([0, 2, 0]))  # class 0: one free slot, then its oldest (rows[0]) goes
+    torch.testing.assert_close(G.bank_emb[0], torch.stack([rows[4], rows[1], rows[2]]))
+    torch.testing.assert_close(G.bank_emb[2, 0], rows[3])
+    assert G.bank_count.tolist() == [3, 0, 1, 0] and G.bank_next.tolist() == [1, 0, 1, 0]
+    G.update_bank(rows[5:10], torch.tensor([1] * 5))  # more new rows than slots: the first 3
+    torch.testing.assert_close(G.bank_emb[1], rows[5:8])
+    emb, labels = G.bank_contents()
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1, 2]
+    torch.testing.assert_close(emb[:3], G.bank_emb[0])
+
+
+def test_memory_bank_updated_by_g_step_only_and_used_by_eq5():
+    torch.manual_seed(0)
+    cfg, info = tiny()
+    G, D = ecgan.build(cfg, info)
+    assert cfg.bank_per_class > 0 and not any("bank" in n for n, _ in G.named_parameters())  # buffers only
+    batch = tiny_batch(info)
+    ecgan.d_step(G, D, batch, cfg)
+    ecgan.sample(G, batch)
+    with torch.no_grad():
+        G(batch["input"])  # an aux forward without grad (e.g. a validation loss)
+    assert G.bank_count.sum() == 0
+    _, logs = ecgan.g_step(G, D, batch, cfg)
+    assert G.bank_count.sum() > 0
+    # the next G step's Eq. 5 contrasts against the bank as it was before that step (eval mode: the bank and the
+    # spectral-norm vectors stay put, so a seeded forward repeats the step's anchors)
+    G.eval()
+    torch.manual_seed(1)
+    _, logs = ecgan.g_step(G, D, batch, cfg)
+    torch.manual_seed(1)
+    out = G(batch["input"])
+    with_bank = ecgan.pixel_contrastive_loss(out["emb"], out["emb_labels"], cfg.temperature, "vectorized",
+                                             out["bank_emb"], out["bank_labels"])
+    torch.testing.assert_close(logs["G_contrast"], cfg.lambda_l * with_bank.detach())
+    assert with_bank.item() != pytest.approx(
+        ecgan.pixel_contrastive_loss(out["emb"], out["emb_labels"], cfg.temperature).item())
+
+
+def test_memory_bank_state_dict_round_trip_resumes_exactly():
+    torch.manual_seed(0)
+    cfg, info = tiny()
+    G, D = ecgan.build(cfg, info)
+    batch = tiny_batch(info)
+    for _ in range(2):
+        ecgan.g_step(G, D, batch, cfg)
+    state = G.state_dict()
+    assert {"bank_emb", "bank_count", "bank_next"} <= set(state)
+    G2, _ = ecgan.build(cfg, info)
+    G2.load_state_dict(state)
+    for name in ("bank_emb", "bank_count", "bank_next"):
+        assert torch.equal(getattr(G2, name), getattr(G, name)), name
+    logs = {}
+    for k, g in (("saved", G), ("resumed", G2)):
+        torch.manual_seed(3)
+        logs[k] = ecgan.g_step(g, D, batch, cfg)[1]["G_contrast"]
+    torch.testing.assert_close(logs["saved"], logs["resumed"], rtol=0, atol=0)
+    assert torch.equal(G2.bank_emb, G.bank_emb)
