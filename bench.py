@@ -21,7 +21,6 @@ Time: median of --reps runs after one warm-up. Peak memory: sau.peak_memory (CUD
 profiler's allocation events), bytes allocated during one step beyond what was live before it.
 """
 
-import argparse
 import dataclasses
 import math
 import os
@@ -219,8 +218,34 @@ def component_rows(args):
     return rows
 
 
+def check_args(ap, args):
+    """One line naming the flag (argparse's error, exit 2) for a value out of range, before anything runs."""
+    mult = 2 ** gaugan.NUM_UPSAMPLES[args.ups]  # GauGAN's trunk starts at size / 2^(upsamplings)
+    for name in ("size", "mem_size"):
+        v = getattr(args, name)
+        if v is not None and (min(v) < mult or v[0] % mult or v[1] % mult):
+            ap.error(f"--{name} {v[0]} {v[1]}: expected a height and width that are positive multiples of {mult} "
+                     f"(2^{gaugan.NUM_UPSAMPLES[args.ups]} for --ups {args.ups})")
+    for name, low in (("batch", 1), ("reps", 1), ("threads", 0)):
+        v = getattr(args, name)
+        if v is not None and v < low:
+            ap.error(f"--{name} {v}: expected an integer >= {low}")
+    if args.sau_size is not None and min(args.sau_size) < 1:
+        ap.error(f"--sau_size {' '.join(map(str, args.sau_size))}: expected four positive integers B C H W")
+    try:
+        dev = torch.device(args.device)
+    except RuntimeError:
+        ap.error(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: no CUDA device is visible")
+    if dev.type not in ("cpu", "cuda"):
+        ap.error(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
+    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        ap.error(f"--out {args.out}: its folder does not exist")
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    ap = data.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     ap.add_argument("--quick", action="store_true", help="CI size: 32x64, batch 2, small components (seconds)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None, help="default 64 128 (quick: 32 64)")
@@ -244,6 +269,7 @@ def main(argv=None):
                     help="widths of the memory-scale table (default paper; quick: cpu)")
     ap.add_argument("--out", default="", help="also write the tables as markdown to this file")
     args = ap.parse_args(argv)
+    check_args(ap, args)
     args.size = tuple(args.size or ((32, 64) if args.quick else (64, 128)))
     args.batch = args.batch or (2 if args.quick else 4)
     args.mem_size = tuple(args.mem_size or (args.size if args.quick else

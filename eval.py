@@ -439,7 +439,8 @@ def load_fid_inception(path_or_url=FID_WEIGHTS_URL, device="cpu"):
     except EvalError:
         raise
     except Exception as e:
-        raise EvalError(f"could not load Inception weights from {src}: {e}") from e
+        raise EvalError(f"{src}: cannot load Inception weights (expected pytorch-fid's {FID_WEIGHTS_FILE}; "
+                        f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:150]})") from None
     if not isinstance(state, dict):
         raise EvalError(f"{src} is not a state dict (expected pytorch-fid's {FID_WEIGHTS_FILE})")
     check_state_dict(model, state, src, f"pytorch-fid's {FID_WEIGHTS_FILE}")
@@ -1332,8 +1333,14 @@ def main(argv=None):
                         segmenter=args.segmenter, classifier=args.classifier, seg_steps=args.seg_steps,
                         ignore=args.ignore, save_images=not args.no_images)
     except (EvalError, ValueError) as e:  # ValueError: data.DatasetError, unknown dataset names
-        print(f"eval.py: error: {(str(e).strip().splitlines() or [''])[-1]}", file=sys.stderr)
+        print(f"eval.py: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
+
+
+def one_line(e):
+    """The line of an error message that names the problem (from a DataLoader worker: the re-raised error's)."""
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    return lines[-1].split(": ", 1)[-1] if lines[0].startswith("Caught ") else lines[0]
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ its pooled features ("FID (segmenter features)": not comparable with published F
 label generator trained separately (seed 0), so the measuring segmenter is never the one G was trained to agree with.
 Wall time is the training time of one seed (mean over seeds) on this machine.
 """
-import argparse
 import json
 import re
 import statistics
@@ -84,17 +83,26 @@ def mean_spread(xs):
 
 
 def run_table(name, budget_steps, seeds, out, train_args=(), height=64, width=128, dataset="synthetic", num=64,
-              seg_steps=300, gl_steps=300, device="auto"):
+              seg_steps=300, gl_steps=300, device="auto", dataroot=None):
     import data
     import train
     out = Path(out)
     root = out / name
     size = (height, width)
     device = evaluation._device(device)
-    train_set = data.make_dataset(dataset, split="train", size=size)
+    train_set = data.make_dataset(dataset, dataroot, split="train", size=size)
     info = train_set.info
+    data_flags = ["--dataroot", str(dataroot)] if dataroot else []
+    for k, (row, over) in enumerate(table_rows(name)):  # every row's command is valid before the first one trains
+        over = dict(over)
+        model = over.pop("model")
+        tcfg, mcfg = train.parse_args(["--model", model, "--dataset", dataset, *data_flags, "--height", str(height),
+                                       "--width", str(width), *flags(over), *train_args])
+        if k:
+            tcfg.vgg = ""  # the VGG file is the same for every row: loaded once
+        train.validate_run(tcfg, mcfg, train.MODELS[model], info)
     notes = []
-    seg, seg_desc = evaluation.find_segmenter(None, [out], dataset, info, None, seg_steps, 8, device, notes)
+    seg, seg_desc = evaluation.find_segmenter(None, [out], dataset, info, dataroot, seg_steps, 8, device, notes)
     seg_path = evaluation._segmenter_cache_path(out, dataset, info)
     gl_path = out / f"label_generator_{dataset}_{height}x{width}.pt"  # ECGAN's G_l, seed 0 (not the measurer)
     results = []
@@ -109,7 +117,8 @@ def run_table(name, budget_steps, seeds, out, train_args=(), height=64, width=12
         per_seed = []
         for seed in seeds:
             run = root / slug(row) / f"seed{seed}"
-            argv = ["--model", model, "--dataset", dataset, "--height", str(height), "--width", str(width),
+            argv = ["--model", model, "--dataset", dataset, *data_flags, "--height", str(height),
+                    "--width", str(width),
                     "--steps", str(budget_steps), "--seed", str(seed), "--out", str(run), "--overwrite",
                     "--progress", "false", "--sample_every", str(budget_steps), "--ckpt_every", str(budget_steps),
                     *flags(over), *extra, *train_args]
@@ -155,25 +164,38 @@ def write_table(name, results, out, budget_steps, seeds, seg_desc, info, num, tr
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="Unknown flags are passed to every train.py run.")
+    import data
+    import train
+    p = data.ArgumentParser(description=__doc__.split("\n\n")[0],
+                            epilog="Unknown flags are passed to every train.py run.")
     p.add_argument("table", choices=sorted(TABLES))
     p.add_argument("--budget_steps", type=int, required=True, help="training steps of every run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--out", default="runs/tables")
-    p.add_argument("--height", type=int, default=64)
-    p.add_argument("--width", type=int, default=128)
-    p.add_argument("--dataset", default="synthetic")
+    p.add_argument("--height", type=int, default=0, help="0: the dataset's default (synthetic 64x128, COCO 64x64)")
+    p.add_argument("--width", type=int, default=0)
+    p.add_argument("--dataset", default="synthetic", choices=data.NAMES)
+    p.add_argument("--dataroot", default=None, help="root folder of a real dataset")
     p.add_argument("--num", type=int, default=64, help="validation images per evaluation")
     p.add_argument("--seg_steps", type=int, default=300, help="steps of the measuring segmenter (trained once)")
     p.add_argument("--gl_steps", type=int, default=300, help="steps of ECGAN's label generator G_l (trained once)")
     p.add_argument("--device", default="auto")
     args, train_args = p.parse_known_args(argv)
+    for name in ("budget_steps", "num", "seg_steps", "gl_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} {getattr(args, name)}: expected an integer >= 1")
+    if min(args.seeds) < 0 or len(set(args.seeds)) != len(args.seeds):
+        p.error(f"--seeds {' '.join(map(str, args.seeds))}: expected distinct integers >= 0")
+    if args.height < 0 or args.width < 0:
+        p.error(f"--height {args.height} --width {args.width}: expected positive sizes (0: the dataset's default)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device is visible")
+    height, width = data.default_size(args.dataset, args.height, args.width, small=True)
     try:
-        return run_table(args.table, args.budget_steps, args.seeds, args.out, train_args, args.height, args.width,
-                         args.dataset, args.num, args.seg_steps, args.gl_steps, args.device)
-    except (evaluation.EvalError, ValueError) as e:
-        print(f"tables.py: error: {e}", file=sys.stderr)
+        return run_table(args.table, args.budget_steps, args.seeds, args.out, train_args, height, width,
+                         args.dataset, args.num, args.seg_steps, args.gl_steps, args.device, args.dataroot)
+    except (evaluation.EvalError, train.ConfigError, train.CheckpointError, ValueError) as e:
+        print(f"tables.py: error: {evaluation.one_line(e)}", file=sys.stderr)
         sys.exit(2)
 
 

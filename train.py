@@ -222,7 +222,8 @@ def validate_run(tcfg, mcfg, module, info):
     import warnings
     dry = mcfg
     if getattr(mcfg, "use_label_gen", False) and hasattr(mcfg, "segmenter"):
-        if mcfg.segmenter and os.path.exists(mcfg.segmenter) or not _own_segmenter_path(mcfg, tcfg):
+        own = not mcfg.segmenter or _own_segmenter_path(mcfg, tcfg)  # trained by the run when absent
+        if not own or os.path.exists(mcfg.segmenter):
             import eval as evaluation
             try:
                 evaluation.load_segmenter(mcfg.segmenter, info)

@@ -56,3 +56,14 @@ def test_quick_prints_every_row_with_finite_numbers(tmp_path, capsys):
 
     # the markdown file holds the same tables
     assert out.read_text().splitlines() == lines
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args,pattern", [
+    (["--size", "30", "64"], r"--size 30 64: expected .*multiples of 32"),
+    (["--batch", "0"], r"--batch 0: expected"),
+    (["--out", "{t}/nowhere/bench.md"], r"--out .*nowhere/bench\.md: its folder does not exist"),
+])
+def test_cli_bad_input_gets_one_line(tmp_path, args, pattern):
+    from test_data import run_cli
+    run_cli("bench.py", [a.format(t=tmp_path) for a in args], tmp_path / "nowhere", pattern)

@@ -553,3 +553,55 @@ def test_each_dataset_has_its_own_default_size():
     assert (tcfg.height, tcfg.width) == (64, 64)  # not the synthetic scenes' 1:2
     tcfg, _ = train.parse_args(["--model", "gaugan", "--dataset", "cityscapes", "--preset", "paper", "--vgg", "off"])
     assert (tcfg.height, tcfg.width) == (256, 512)
+
+
+# -----------------------------------------------------------------------------
+# bad input from the user's side, through the command line: one line naming the thing, no traceback, exit != 0,
+# nothing written. Used by the CLI tests of every script (test_eval, test_tables, test_bench).
+
+ROOT = Path(data.__file__).resolve().parent
+
+
+def run_cli(script, args, out, pattern, timeout=300):
+    """Run `python script args` (cwd: the repo) and check its answer to bad input; `out` must stay empty."""
+    import os
+    import re
+    import subprocess
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    err = p.stderr.strip()
+    assert p.returncode != 0, (script, args, p.stdout[-500:])
+    assert "Traceback" not in p.stderr and len(err.splitlines()) == 1, (script, args, p.stderr[-2000:])
+    assert re.search(pattern, err), (script, args, err)
+    assert not Path(out).exists() or not any(Path(out).iterdir()), sorted(Path(out).rglob("*"))
+    return err
+
+
+def _cli_tree(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "noimg/train_img").mkdir(parents=True)
+    (tmp_path / "noimg/train_label").mkdir()
+    (tmp_path / "notes.txt").write_text("not weights")
+    return tmp_path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script,args,pattern", [
+    ("data.py", ["--dataset", "coco", "--dataroot", "{t}/missing"], r"missing: dataset root not found"),
+    ("data.py", ["--dataset", "facades", "--dataroot", "{t}/empty"], r"empty/train_img: folder not found"),
+    ("data.py", ["--n", "0"], r"--n 0: expected"),
+    ("train.py", ["--dataset", "coco", "--dataroot", "{t}/missing"], r"missing: dataset root not found"),
+    ("train.py", ["--dataset", "facades", "--dataroot", "{t}/noimg"], r"noimg/train_img: no images"),
+    ("train.py", ["--steps", "-1"], r"--steps -1: expected an integer >= 1"),
+    ("train.py", ["--batch_size", "0"], r"--batch_size 0: expected an integer >= 1"),
+    ("train.py", ["--height", "48"], r"48x96 .*divisible by"),
+    ("train.py", ["--vgg", "{t}/notes.txt"], r"--vgg .*notes\.txt"),
+    ("train.py", ["--model", "ecgan", "--segmenter", "{t}/notes.txt"], r"--segmenter: .*notes\.txt"),
+])
+def test_cli_bad_input_gets_one_line(tmp_path, script, args, pattern):
+    t = _cli_tree(tmp_path)
+    out = t / "out"
+    args = [a.format(t=t) for a in args]
+    args += ["--out", str(out / "grid.png")] if script == "data.py" else ["--out", str(out), "--progress", "false"]
+    run_cli(script, args, out, pattern)

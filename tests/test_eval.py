@@ -350,3 +350,117 @@ def test_figures_of_a_tiny_lggan_plus_plus_checkpoint(tmp_path):
                                       segmenter=str(run / "figures" / "segmenter_synthetic_32x64.pt"))
     assert [p.name for p in written.values()] == ["gaugan_semantic_maps.png"]
     assert time.time() - t0 < 60
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cityscapes on the 19 train ids; the built-in segmenter's cost said up front, scaled to the data, held out
+
+def test_cityscapes_scored_on_19_train_ids():
+    info = data.DataInfo("cityscapes", 35, False, True, 4, 4)
+    label = torch.tensor([[[7, 7, 26, 26], [0, 0, 34, 24], [7, 8, 26, 26], [3, 3, 24, 24]]])  # 0, 3, 34: void
+
+    class Fixed(torch.nn.Module):  # logits that predict a given id map
+        def __init__(self, pred, n):
+            super().__init__()
+            self.pred, self.n = pred, n
+
+        def forward(self, image):
+            return torch.nn.functional.one_hot(self.pred, self.n).permute(0, 3, 1, 2).float()
+
+    image = torch.zeros(1, 3, 4, 4)
+    conf = evaluation.confusion_of(Fixed(label, 35), image, label, info)
+    assert conf.shape == (19, 20) and conf.sum() == 11  # the 5 void / license-plate pixels are not counted
+    s = evaluation.segmentation_scores(conf)
+    assert s["mIoU"] == 1.0 and s["accuracy"] == 1.0
+    wrong = label.clone()
+    wrong[0, 0, 0] = 34  # a road pixel predicted as license plate (no train id): wrong, not ignored
+    s = evaluation.segmentation_scores(evaluation.confusion_of(Fixed(wrong, 35), image, label, info))
+    assert s["accuracy"] == 10 / 11
+    # a segmenter over the 19 train ids (a DRN export) is read directly
+    train_ids = data.cityscapes_train_ids(label)
+    conf19 = evaluation.confusion_of(Fixed(train_ids.clamp(max=18), 19), image, label, info)
+    assert torch.equal(conf19, conf)
+
+
+def test_segmenter_steps_scale_with_the_data_and_a_part_is_held_out():
+    steps = [evaluation.auto_segmenter_steps(n) for n in (1, 11, 100, 400, 1800, 3000)]
+    assert steps[0] == steps[1] == evaluation.SEG_STEPS_MIN and steps[-1] == evaluation.SEG_STEPS_MAX
+    assert steps[3] == evaluation.SEG_EPOCHS * 400 // 8 and steps == sorted(steps)
+    for n in (3, 4, 13, 2000):
+        fit, held = evaluation.holdout_split(n)
+        assert sorted(fit + held) == list(range(n)) and not set(fit) & set(held)
+        assert len(held) == (0 if n < 4 else 1 if n < 10 else max(2, round(0.1 * n)))
+    assert evaluation.holdout_split(13) == evaluation.holdout_split(13)
+
+
+@pytest.mark.slow
+def test_eval_says_what_the_segmenter_costs_holds_out_and_reuses_the_cache(tmp_path, capsys, monkeypatch):
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    ckpt.parent.mkdir()
+    _tiny_gaugan_checkpoint(ckpt)
+    out = tmp_path / "eval"
+    res = evaluation.evaluate(ckpt, out=out, num=2, batch_size=4, seg_steps=4, save_images=False, progress=False,
+                              device="cpu")
+    lines = capsys.readouterr().out.splitlines()
+    first = lines[0]
+    assert "4 steps" in first and "--segmenter FILE" in first and "--seg-steps 0" in first and "cached at" in first
+    assert any("s/step measured" in line for line in lines[1:3])
+    held = res["metrics"]["mIoU (segmenter on held-out training images)"]
+    assert held is not None and 0 <= held <= 1
+    assert "200 real training images held out" in res["protocol"]["mIoU (segmenter on held-out training images)"]
+    # the second evaluation trains nothing and still reports the held-out score stored with the segmenter
+    monkeypatch.setattr(evaluation, "train_segmenter", lambda *a, **k: pytest.fail("segmenter trained again"))
+    res2 = evaluation.evaluate(ckpt, out=out, num=2, batch_size=4, save_images=False, progress=False, device="cpu")
+    assert res2["metrics"]["mIoU (segmenter on held-out training images)"] == held
+    assert "no --segmenter given" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_ecgan_label_generator_is_cached_and_progress_false_is_silent(tmp_path, capsys, monkeypatch):
+    import train
+    argv = [a if a != "gaugan" else "ecgan" for a in TINY] + [
+        "--steps", "1", "--batch_size", "2", "--segmenter_steps", "3", "--proj_dim", "8",
+        "--cache_dir", str(tmp_path / "cache")]
+    train.main(argv + ["--out", str(tmp_path / "a")])
+    cap = capsys.readouterr()
+    assert "\r" not in cap.err + cap.out  # --progress false: no bar, the segmenter's included
+    cached = list((tmp_path / "cache").glob("G_l_synthetic_32x64_3steps_*.pt"))
+    assert len(cached) == 1 and (tmp_path / "a" / "segmenter.pt").read_bytes() == cached[0].read_bytes()
+    monkeypatch.setattr(evaluation, "train_segmenter", lambda *a, **k: pytest.fail("G_l trained again"))
+    train.main(argv + ["--out", str(tmp_path / "b")])  # a new run (another Table 3 row) on the same data
+    assert (tmp_path / "b" / "segmenter.pt").read_bytes() == cached[0].read_bytes()
+    assert "cached at" in capsys.readouterr().out
+    assert not [p for p in (tmp_path / "cache").iterdir() if ".tmp" in p.name]
+    # other steps: another cache entry
+    monkeypatch.undo()
+    train.main(argv[:-2] + ["--cache_dir", str(tmp_path / "cache"), "--segmenter_steps", "4", "--out",
+                            str(tmp_path / "c")])
+    assert len(list((tmp_path / "cache").glob("G_l_*.pt"))) == 2
+
+
+@pytest.mark.slow
+def test_eval_and_resume_bad_input_gets_one_line(tmp_path):
+    """eval.py and train.py --resume given the wrong files: one line naming the file, nothing written."""
+    from test_data import run_cli
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    ckpt = run_dir / "ckpt_latest.pt"
+    _tiny_gaugan_checkpoint(ckpt)
+    (tmp_path / "notes.txt").write_text("not weights")
+    out = tmp_path / "out"
+    cases = [
+        (["--ckpt", tmp_path / "missing.pt"], r"checkpoint not found: .*missing\.pt"),
+        (["--ckpt", tmp_path / "notes.txt"], r"notes\.txt: not a training checkpoint"),
+        (["--ckpt", ckpt, "--segmenter", ckpt], r"ckpt_latest\.pt: not a built-in segmenter"),
+        (["--ckpt", ckpt, "--inception", tmp_path / "notes.txt"], r"notes\.txt"),  # before any segmenter training
+        (["--ckpt", ckpt, "--classifier", tmp_path / "notes.txt"], r"notes\.txt: not a TorchScript"),
+        (["--ckpt", ckpt, "--num", "0"], r"--num 0: expected"),
+        (["--ckpt", ckpt, "--dataset", "coco", "--dataroot", tmp_path / "missing"], r"missing: dataset root not found"),
+    ]
+    for args, pattern in cases:
+        run_cli("eval.py", [*args, "--out", out], out, pattern)
+    # a checkpoint of another model in the run folder: --resume says so and leaves the folder as it was
+    before = sorted(p.name for p in run_dir.iterdir())
+    run_cli("train.py", ["--model", "lggan", "--height", "32", "--width", "64", "--out", run_dir, "--resume",
+                         "--progress", "false"], out, r"ckpt_latest\.pt: checkpoint is of model 'gaugan', not 'lggan'")
+    assert sorted(p.name for p in run_dir.iterdir()) == before

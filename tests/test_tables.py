@@ -44,3 +44,16 @@ def test_write_table_puts_the_papers_numbers_beside_each_row(tmp_path):
             cells = [c.strip() for c in line.strip("|").split("|")]
             assert cells[2] == "0.550 ± 0.050" and cells[5] == "10"  # mean ± half-range; mean train seconds
             assert cells[6] == " / ".join("-" if v is None else str(v) for v in paper)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args,pattern", [
+    (["lggan9", "--budget_steps", "0"], r"--budget_steps 0: expected"),
+    (["lggan9", "--budget_steps", "2", "--height", "48"], r"48x96 .*divisible by"),  # before the segmenter trains
+    (["ecgan3", "--budget_steps", "2", "--vgg", "{t}/missing.pth"], r"--vgg .*missing\.pth"),
+    (["lggan9", "--budget_steps", "2", "--dataset", "coco", "--dataroot", "{t}/missing"], r"missing: dataset root"),
+])
+def test_cli_bad_input_gets_one_line(tmp_path, args, pattern):
+    from test_data import run_cli
+    out = tmp_path / "out"
+    run_cli("tables.py", [a.format(t=tmp_path) for a in args] + ["--out", out], out, pattern)
