@@ -46,7 +46,7 @@ Choices where the paper is silent (each is named again where it is made):
       width 16 (class_width: the first layer then costs what LGGAN's per-class 7x7 conv costs), spectral-normed
       per class; each class image is masked by M_c again, so absent classes give exactly zero.
     - Eq. 1's I' lies in [-2, 2]; eq1_range="half" or "tanh" keeps it in the images' [-1, 1] (default: as written).
-    - Hinge losses (GauGAN) for the log terms of Eqs. 8, 9.
+    - Hinge losses (GauGAN) for the log terms of Eqs. 8, 9; `gan_loss="log"` uses them as written.
 
 `python ecgan.py` prints the parameter table; `python ecgan.py --bench` times the fast losses against the naive
 ones and an ECGAN step against a GauGAN step.
@@ -560,6 +560,7 @@ class ECGANConfig:
     use_contrast: bool = True             # G_c: pixel contrast (Eq. 5) + class-specific generation (Eqs. 6, 7)
     # label generator and similarity loss
     segmenter: str = ""                   # G_l weights: eval.py segmenter checkpoint or TorchScript; train.py fills it
+    sim_on_intermediate: bool = True      # Eq. 10's L_sim(S, S') with S' = G_l(I') (ours; False: the S'' term alone)
     sim_stride: int = 4                   # Eq. 3 at 1/4 resolution (ours: M^2 at full res is 1.7e10 on Cityscapes)
     sim_impl: str = "chunked"             # "chunked" (memory O(chunk * M)) | "naive" (O(M^2))
     sim_chunk: int = 1024                 # rows of the M x M maps per chunk
@@ -581,6 +582,7 @@ class ECGANConfig:
     num_D: int = 2                        # scales (GauGAN)
     n_layers_D: int = 4                   # PatchGAN depth (GauGAN)
     # Eq. 9 / Eq. 10 weights (App. B)
+    gan_loss: str = "hinge"               # "hinge" (GauGAN's, ours) | "log" (Eqs. 8, 9 as written)
     lam: float = 2.0                      # lambda on I'' in Eqs. 9 and 10 ("all lambda ... set to 2", App. B)
     lambda_c: float = 1.0                 # multi-modality adversarial loss (App. B)
     lambda_s: float = 1.0                 # similarity loss (App. B)
@@ -682,7 +684,8 @@ class ECGANGenerator(nn.Module):
         """seg (B, input_nc, H, W) = one-hot (+ instance boundaries); image: style image (use_vae only).
         aux=False skips what only the G loss needs (label generator, contrastive sampling).
         Returns a dict of (B, ., H, W) tensors: fake (I''), intermediate (I'), edge (I_e'), class (I_g), the
-        segmenter's probabilities seg_1 (of I') and seg_2 (of I'') over the real classes at the similarity
+        segmenter's probabilities seg_1, seg_2 (of I' and I''; only seg_1 = S'' with sim_on_intermediate=False,
+        or without G_s, where I' is the output) over the real classes at the similarity
         resolution with their target seg_target, emb and emb_labels (the K sampled pixels, of every rank under
         DDP), bank_emb and bank_labels (the memory bank before this step's update), kld. A training-mode forward
         with aux and grad enabled (a G step) pushes the anchors into the bank."""
@@ -732,7 +735,10 @@ class ECGANGenerator(nn.Module):
             out["fake"] = img  # without G_s, I' is the output
 
         if self.label_generator is not None and aux:  # S' and S'' for Eq. 10's two similarity terms
-            fakes = [img, out["fake"]] if cfg.use_semantic else [img]
+            # S' = G_l(I') is our reading of Eq. 10's L_sim(S, S') (the paper defines only S'' = G_l(I''));
+            # sim_on_intermediate=False keeps the S'' term alone. Without G_s, I' is the output and S'' = G_l(I').
+            fakes = ([img] if cfg.sim_on_intermediate or not cfg.use_semantic else []) + \
+                ([out["fake"]] if cfg.use_semantic else [])
             probs = self.label_generator(torch.cat(fakes, 0)).chunk(len(fakes))  # one segmenter forward
             # Eq. 3 over the real classes: the target without the dontcare channel (its pixels' rows are all zero,
             # so they take part in no pair) and the segmenter's probabilities without it too (G_l is trained to
@@ -790,14 +796,14 @@ def build(cfg, info):
 
 
 def g_step(G, D, batch, cfg, vgg=None):
-    """Eq. 10, generator side: lambda_c * adversarial (hinge) + lambda_f * feature matching + lambda_p * VGG on
-    (I_e', I_e), (I', I), lambda * (I'', I); + lambda_s * similarity (S, S') + (S, S''); + lambda_l * Eq. 5;
+    """Eq. 10, generator side: lambda_c * adversarial (hinge, or log with gan_loss) + lambda_f * feature
+    matching + lambda_p * VGG on (I_e', I_e), (I', I), lambda * (I'', I); + lambda_s * similarity (S, S') + (S, S''); + lambda_l * Eq. 5;
     + lambda_l1 * Eq. 6; + lambda_kld * KL."""
     cond, real = batch["input"], batch["image"]
     out = G(cond, real)
     logs = {"G_gan": 0.0, "G_feat": 0.0}
     for fake_p, real_p, w in discriminate(D, cond, judged_pairs(out, batch, cfg)):
-        logs["G_gan"] = logs["G_gan"] + cfg.lambda_c * w * gaugan.hinge_g_loss(fake_p)
+        logs["G_gan"] = logs["G_gan"] + cfg.lambda_c * w * gaugan.g_loss_term(fake_p, cfg.gan_loss)
         logs["G_feat"] = logs["G_feat"] + cfg.lambda_f * w * gaugan.feature_matching_loss(fake_p, real_p)
     if vgg is not None:
         logs["G_vgg"] = sum(cfg.lambda_p * w * gaugan.vgg_loss(vgg, f, r) for f, r, w in judged_pairs(out, batch, cfg))
@@ -817,16 +823,17 @@ def g_step(G, D, batch, cfg, vgg=None):
 
 
 def d_step(G, D, batch, cfg):
-    """Eqs. 8 + 9 in hinge form: E[relu(1 + D(S, I_e'))] + E[relu(1 - D(S, I_e))] for edges; for images each fake
-    term is paired with a real term of its weight, so the real image carries weight lambda + 1 as in Eq. 9."""
+    """Eqs. 8 + 9 in hinge form (as written with gan_loss="log"): E[relu(1 + D(S, I_e'))] + E[relu(1 - D(S, I_e))]
+    for edges; for images each fake term is paired with a real term of its weight, so the real image carries
+    weight lambda + 1 as in Eq. 9."""
     cond, real = batch["input"], batch["image"]
     with torch.no_grad():
         out = G(cond, real, aux=False)
     l_fake, l_real = 0.0, 0.0
     pairs = [(f.detach(), r, w) for f, r, w in judged_pairs(out, batch, cfg)]
-    for fake_p, real_p, w in discriminate(D, cond, pairs):
-        l_fake = l_fake + w * sum(F.relu(1 + f[-1]).mean() for f in fake_p) / len(fake_p)
-        l_real = l_real + w * sum(F.relu(1 - r[-1]).mean() for r in real_p) / len(real_p)
+    for fake_p, real_p, w in discriminate(D, cond, pairs):  # lambda_c weighs the whole adversarial term (Eq. 10)
+        l_fake = l_fake + cfg.lambda_c * w * gaugan.d_loss_term(fake_p, False, cfg.gan_loss)
+        l_real = l_real + cfg.lambda_c * w * gaugan.d_loss_term(real_p, True, cfg.gan_loss)
     return l_fake + l_real, {"D_fake": l_fake.detach(), "D_real": l_real.detach()}
 
 

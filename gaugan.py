@@ -12,7 +12,7 @@ B1 baseline of their ablations. Map of this file:
     StyleEncoder           GauGAN's image encoder (mu, logvar) for multi-modal synthesis
     PatchDiscriminator     one PatchGAN (pix2pixHD), returning every layer's features
     MultiscaleDiscriminator num_D PatchGANs on progressively average-pooled inputs
-    losses                 hinge, feature matching, KL, VGG19 perceptual (VGG19Features, load_vgg19)
+    losses                 hinge or log GAN (d_loss_term, g_loss_term), feature matching, KL, VGG19 perceptual
     shared D-side helpers  d_input, discriminate, gan_g_losses, gan_d_loss (reused by lggan.py, ecgan.py)
     init_weights           the public code's init (xavier, gain 0.02)
     model interface        Config, build, g_step, d_step, sample (called by train.py / eval.py)
@@ -115,6 +115,7 @@ class GauGANConfig:
     z_dim: int = 256                      # style vector size (public code)
     num_D: int = 2                        # discriminator scales (GauGAN Sec. 3.2, pix2pixHD)
     n_layers_D: int = 4                   # PatchGAN depth (public code)
+    gan_loss: str = "hinge"               # "hinge" (GauGAN Sec. 4) | "log" (the cross-entropy form) (gaugan.GAN_LOSSES)
     lambda_feat: float = 10.0             # feature matching weight (GauGAN Sec. 4)
     lambda_vgg: float = 10.0              # VGG perceptual weight (GauGAN Sec. 4)
     lambda_kld: float = 0.05              # KL weight (GauGAN Sec. 3.3 / supp.)
@@ -281,14 +282,41 @@ class MultiscaleDiscriminator(nn.Module):
 
 # ----------------------------------------------------------------------------- losses
 
+GAN_LOSSES = ("hinge", "log")
+
+
+def d_loss_term(preds, real, mode="hinge"):
+    """One side of the D loss, averaged over the num_D scales (preds: num_D lists of features, logits last).
+    hinge (GauGAN's public code, our default): E[relu(1 - D)] on real, E[relu(1 + D)] on fake.
+    log (the papers' Eq. 9 of LGGAN, Eqs. 8, 9 of ECGAN as written): -log sigmoid(D) = softplus(-D) on real,
+    -log(1 - sigmoid(D)) = softplus(D) on fake."""
+    sign = -1.0 if real else 1.0
+    if mode == "hinge":
+        term = lambda x: F.relu(1 + sign * x).mean()
+    elif mode == "log":
+        term = lambda x: F.softplus(sign * x).mean()
+    else:
+        raise ValueError(f"gaugan.py: gan_loss must be one of {GAN_LOSSES}, got {mode!r}")
+    return sum(term(p[-1]) for p in preds) / len(preds)
+
+
+def g_loss_term(fake_preds, mode="hinge"):
+    """G's adversarial term, averaged over scales. hinge: -E[D(fake)] (GauGAN); log: the non-saturating
+    -log sigmoid(D(fake)), the usual way to minimise Eq. 9's log(1 - D(fake)) term (Goodfellow et al.)."""
+    if mode == "hinge":
+        return sum(-f[-1].mean() for f in fake_preds) / len(fake_preds)
+    if mode == "log":
+        return sum(F.softplus(-f[-1]).mean() for f in fake_preds) / len(fake_preds)
+    raise ValueError(f"gaugan.py: gan_loss must be one of {GAN_LOSSES}, got {mode!r}")
+
+
 def hinge_d_loss(real_preds, fake_preds):
     """mean over scales of E[relu(1 - D(real))] + E[relu(1 + D(fake))]."""
-    loss = sum(F.relu(1 - r[-1]).mean() + F.relu(1 + f[-1]).mean() for r, f in zip(real_preds, fake_preds))
-    return loss / len(real_preds)
+    return d_loss_term(real_preds, True) + d_loss_term(fake_preds, False)
 
 
 def hinge_g_loss(fake_preds):
-    return sum(-f[-1].mean() for f in fake_preds) / len(fake_preds)
+    return g_loss_term(fake_preds, "hinge")
 
 
 def feature_matching_loss(fake_preds, real_preds):
@@ -313,11 +341,19 @@ VGG19_URL = "https://download.pytorch.org/models/vgg19-dcabf1b8.pth"
 VGG_WEIGHTS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1.0)  # GauGAN / pix2pixHD perceptual loss weights
 
 
-class VGG19Features(nn.Module):
-    """torchvision vgg19 `features.N.*` layout up to relu5_1; forward returns [relu1_1, ..., relu5_1]."""
+VGG_INPUTS = ("imagenet", "raw")
 
-    def __init__(self):
+
+class VGG19Features(nn.Module):
+    """torchvision vgg19 `features.N.*` layout up to relu5_1; forward returns [relu1_1, ..., relu5_1].
+    input_norm: "imagenet" maps [-1, 1] images to the ImageNet statistics the weights were trained with (ours);
+    "raw" feeds the [-1, 1] images unchanged, as the public GauGAN code does (its loss is about 2x smaller)."""
+
+    def __init__(self, input_norm="imagenet"):
         super().__init__()
+        if input_norm not in VGG_INPUTS:
+            raise ValueError(f"gaugan.VGG19Features: input_norm must be one of {VGG_INPUTS}, got {input_norm!r}")
+        self.input_norm = input_norm
         layers, c = [], 3
         for v in VGG19_CFG:
             if v == "M":
@@ -330,9 +366,8 @@ class VGG19Features(nn.Module):
         self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x):
-        # inputs in [-1, 1]; the public code feeds them unnormalised, we use the ImageNet statistics the
-        # weights were trained with
-        x = ((x + 1) / 2 - self.mean) / self.std
+        if self.input_norm == "imagenet":  # inputs in [-1, 1] -> the statistics the weights were trained with
+            x = ((x + 1) / 2 - self.mean) / self.std
         out, start = [], 0
         for end in VGG19_SLICES:
             x = self.features[start:end](x)
@@ -341,8 +376,9 @@ class VGG19Features(nn.Module):
         return out
 
 
-def load_vgg19(path_or_url):
-    """A frozen VGG19Features from a torchvision-layout state dict (a file or a URL), or None when not given."""
+def load_vgg19(path_or_url, input_norm="imagenet"):
+    """A frozen VGG19Features from a torchvision-layout state dict (a file or a URL), or None when not given.
+    input_norm: see VGG19Features ("imagenet" ours, "raw" the public GauGAN code)."""
     if not path_or_url:
         return None
     if path_or_url.startswith(("http://", "https://")):
@@ -358,7 +394,7 @@ def load_vgg19(path_or_url):
             raise ValueError(f"could not read VGG19 weights from {path_or_url}: {e}") from e
     if not isinstance(state, dict):
         raise ValueError(f"{path_or_url}: expected a state dict, got {type(state).__name__}")
-    vgg = VGG19Features()
+    vgg = VGG19Features(input_norm)
     want = vgg.state_dict()
     # keep features.* keys we use; classifier.* and features.30+ (beyond relu5_1) are ignored
     got = {k: v for k, v in state.items() if k in want}
@@ -400,18 +436,18 @@ def gan_g_losses(D, cond, fake, real, cfg, vgg=None, prefix="G_"):
     """Weighted generator terms of GauGAN: hinge GAN, lambda_feat * feature matching, lambda_vgg * VGG.
     Returns {prefix+'gan', prefix+'feat'[, prefix+'vgg']}: sum the values for the loss."""
     fake_preds, real_preds = discriminate(D, cond, fake, real)
-    out = {prefix + "gan": hinge_g_loss(fake_preds),
+    out = {prefix + "gan": g_loss_term(fake_preds, cfg.gan_loss),
            prefix + "feat": cfg.lambda_feat * feature_matching_loss(fake_preds, real_preds)}
     if vgg is not None:
         out[prefix + "vgg"] = cfg.lambda_vgg * vgg_loss(vgg, fake, real)
     return out
 
 
-def gan_d_loss(D, cond, fake, real, prefix="D_"):
-    """Hinge D loss with fake detached; returns (loss, {prefix+'fake', prefix+'real'}) with detached logs."""
+def gan_d_loss(D, cond, fake, real, prefix="D_", mode="hinge"):
+    """D loss (hinge or log, d_loss_term) with fake detached; returns (loss, {prefix+'fake', prefix+'real'})."""
     fake_preds, real_preds = discriminate(D, cond, fake.detach(), real)
-    l_fake = sum(F.relu(1 + f[-1]).mean() for f in fake_preds) / len(fake_preds)
-    l_real = sum(F.relu(1 - r[-1]).mean() for r in real_preds) / len(real_preds)
+    l_fake = d_loss_term(fake_preds, False, mode)
+    l_real = d_loss_term(real_preds, True, mode)
     return l_fake + l_real, {prefix + "fake": l_fake.detach(), prefix + "real": l_real.detach()}
 
 
@@ -470,7 +506,7 @@ def d_step(G, D, batch, cfg):
     cond, real = batch["input"], batch["image"]
     with torch.no_grad():
         fake, _ = G(cond, real)
-    return gan_d_loss(D, cond, fake, real)
+    return gan_d_loss(D, cond, fake, real, mode=cfg.gan_loss)
 
 
 @torch.no_grad()

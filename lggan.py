@@ -38,7 +38,8 @@ removes everything that depends on the local branch (nothing of it is built):
     | B4  | B3 + classification loss    | True  |    True     |  True    |   False    |
     | B5  | B4 + weight map (full)      | True  |    True     |  True    |   True     |
 Without the weight map (B2-B4) the final image is the mean of the global and local results (Eq. 8 with
-W_g = W_l = 1/2): the paper does not say how B2-B4 combine them.
+W_g = W_l = 1/2): the paper does not say how B2-B4 combine them (`unweighted_fusion="local"`: the local
+result alone, the global one still trained by its own D and losses).
 Cross-view translation keeps the fixed structure of Sec. 4.1.1 (sum fusion, weight map, no class CE); the
 switches are for Table 9.
 
@@ -327,15 +328,18 @@ class LocalGenerator(nn.Module):
 
 class WeightMap(nn.Module):
     """G_w (Eq. 7): two up blocks (-> 2ngf, ngf; branch_up) on E's H/4 feature, 1x1 conv -> 2, channel softmax.
-    The paper puts IN + ReLU after the 2-channel conv too; we feed the raw logits to the softmax."""
+    The paper's text puts IN + ReLU after the 2-channel conv too (`norm=True`); the public code, and our
+    default, feed the raw logits to the softmax (after a ReLU the weights could not go below 1/(1 + e^x))."""
 
-    def __init__(self, ngf, upsample, window="expanded", pre_upsampled=False):
+    def __init__(self, ngf, upsample, norm=False, window="expanded", pre_upsampled=False):
         super().__init__()
         self.up = branch_up(ngf, upsample, window, pre_upsampled)
         self.conv = nn.Conv2d(ngf, 2, 1)
+        self.norm = nn.Sequential(nn.InstanceNorm2d(2), nn.ReLU()) if norm else nn.Identity()
 
     def forward(self, f4):
-        return torch.softmax(self.conv(self.up(f4)), 1)   # (B, 4ngf, H/4, W/4) -> (B, 2, H, W), sums to 1
+        logits = self.norm(self.conv(self.up(f4)))
+        return torch.softmax(logits, 1)                   # (B, 4ngf, H/4, W/4) -> (B, 2, H, W), sums to 1
 
 
 # ----------------------------------------------------------------------------- config
@@ -358,8 +362,11 @@ class LGGANConfig:
     cls_loss: bool = True                 # Table 9 B4+: classification-based feature learning (Eq. 6)
     cls_pool: str = "class"               # Eq. 6 pooling: / class area | "image": / H*W (public code); see ClassGenerator
     weight_map: bool = True               # Table 9 B5: weight-map fusion G_w (Eqs. 7, 8)
+    weight_map_norm: bool = False         # G_w's last conv followed by IN + ReLU (paper text) or not (public code)
+    unweighted_fusion: str = "mean"       # B2-B4 (no G_w): "mean" of global and local (ours) | "local" only
     num_D: int = 2                        # D_s scales (GauGAN multiscale D, semantic synthesis)
     n_layers_D: int = 4                   # D_s PatchGAN depth (GauGAN convention, public code)
+    gan_loss: str = "hinge"               # semantic D_s: "hinge" (public code) | "log" (Eq. 9 as written)
     lambda_feat: float = 10.0             # feature matching, each of the 3 outputs (public code)
     lambda_vgg: float = 10.0              # VGG19 perceptual, each output (public code; cross-view too)
     lambda_local_l1: float = 1.0          # Eq. 3 masked per-class L1 (public code: 1 semantic, 100 cross-view)
@@ -395,6 +402,9 @@ class LGGANGenerator(nn.Module):
     def __init__(self, cfg, info):
         super().__init__()
         self.num_classes = info.num_classes
+        if cfg.unweighted_fusion not in ("mean", "local"):
+            raise ValueError(f"lggan.py: unweighted_fusion={cfg.unweighted_fusion!r}, expected 'mean' or 'local'")
+        self.unweighted_fusion = cfg.unweighted_fusion
         up, shared = sau_placement(cfg)  # the header's Upsampling
         self.encoder = Encoder(info.input_nc, cfg.ngf)
         self.shared_sau = gaugan.make_upsampler("sau", 4 * cfg.ngf, 2, cfg.sau_window) if shared else None
@@ -405,7 +415,7 @@ class LGGANGenerator(nn.Module):
         self.local_gen = (LocalGenerator(info.num_classes, cfg.ngf, cfg.n_res, up, cfg.conv_fusion,
                                          cfg.cls_loss, cfg.impl, cfg.cls_pool, window=cfg.sau_window,
                                          pre_upsampled=shared) if cfg.local else None)
-        self.weight_map = (WeightMap(cfg.ngf, up, window=cfg.sau_window, pre_upsampled=shared)
+        self.weight_map = (WeightMap(cfg.ngf, up, cfg.weight_map_norm, window=cfg.sau_window, pre_upsampled=shared)
                            if cfg.local and cfg.weight_map else None)
 
     def forward(self, input, onehot):
@@ -420,8 +430,9 @@ class LGGANGenerator(nn.Module):
             out["fake"] = out["global"]
             return out
         out.update(self.local_gen(f4, onehot[:, :self.num_classes]))
-        if self.weight_map is None:                                  # B2-B4: equal weights
-            out["fake"] = 0.5 * (out["global"] + out["local"])
+        if self.weight_map is None:                                  # B2-B4: the paper does not say
+            out["fake"] = (0.5 * (out["global"] + out["local"]) if self.unweighted_fusion == "mean"
+                           else out["local"])
         else:
             w = self.weight_map(f4)                                  # Eq. 7
             out["weights"] = w
@@ -558,7 +569,7 @@ def g_step(G, D, batch, cfg, vgg=None):
         # D_s (Eq. 9) on the n outputs and the real image in one forward (real features for feature matching)
         x = gaugan.d_input(batch["input"].repeat(n + 1, 1, 1, 1), torch.cat(fakes + [real]))
         *fake_preds, real_preds = split_preds(D(x), n + 1)
-        logs["G_gan"] = sum(gaugan.hinge_g_loss(p) for p in fake_preds)
+        logs["G_gan"] = sum(gaugan.g_loss_term(p, cfg.gan_loss) for p in fake_preds)
         logs["G_feat"] = cfg.lambda_feat * sum(gaugan.feature_matching_loss(p, real_preds) for p in fake_preds)
         if "cls_loss" in out:
             logs["G_cls"] = cfg.lambda_cls * out["cls_loss"]   # Eq. 6
@@ -582,9 +593,9 @@ def d_step(G, D, batch, cfg):
         l_fake = sum(0.5 * bce(c, 0) for p in (p_s, p_i) for c in p.chunk(n + 1)[1:])
     else:
         preds = split_preds(D(gaugan.d_input(batch["input"].repeat(n + 1, 1, 1, 1), images)), n + 1)
-        # the public code adds one hinge D loss per output, so the real term counts n times
-        l_real = n * sum(F.relu(1 - s[-1]).mean() for s in preds[0]) / len(preds[0])
-        l_fake = sum(sum(F.relu(1 + s[-1]).mean() for s in p) / len(p) for p in preds[1:])
+        # the public code adds one D loss per output, so the real term counts n times
+        l_real = n * gaugan.d_loss_term(preds[0], True, cfg.gan_loss)
+        l_fake = sum(gaugan.d_loss_term(p, False, cfg.gan_loss) for p in preds[1:])
     return l_real + l_fake, {"D_real": l_real.detach(), "D_fake": l_fake.detach()}
 
 

@@ -326,6 +326,34 @@ def test_ddp_step_two_processes_without_unused_parameters():
     assert (g0.flatten(1).abs().sum(1) > 0).all()               # the union of both ranks' classes: all 5
 
 
+@pytest.mark.parametrize("impl", lggan.IMPLS)
+def test_eq6_pooling_by_class_area_or_by_image_area(impl):
+    """Semantic-guided average pooling by hand: "class" is the mean of f' over the class's pixels of that sample,
+    "image" (public code) the sum over them / (H*W); a class absent from one sample pools to 0 there (no NaN).
+    The config default reaches the model."""
+    torch.manual_seed(0)
+    N, C = 4, 3
+    lab = labels(classes=(0, 1, 3))                               # class 3 only in sample 0, class 2 nowhere
+    lab[0, :8, :8] = 2                                            # one small 8x8 patch of class 2 in sample 0
+    masks = F.one_hot(lab, N).permute(0, 3, 1, 2).float()
+    feat = torch.randn(2, C, H, W)
+    for pool in lggan.POOLS:
+        _, idx, pooled = lggan.ClassGenerator(N, C, impl, pool)(feat, masks)
+        for k, c in enumerate(idx.tolist()):
+            for b in range(2):
+                pix = feat[b][:, lab[b] == c]                     # (C, pixels of class c in sample b)
+                if pix.shape[1] == 0:
+                    want = torch.zeros(C)
+                else:
+                    want = pix.mean(1) if pool == "class" else pix.sum(1) / (H * W)
+                assert torch.allclose(pooled[b, k], want, atol=1e-6), (pool, b, c)
+    assert lggan.Config().cls_pool == "class"
+    G, _ = build(lggan.Config(cls_pool="image", **TINY), semantic_info())
+    assert G.local_gen.classes.pool == "image"
+    with pytest.raises(ValueError, match="cls_pool='sum'"):
+        build(lggan.Config(cls_pool="sum", **TINY), semantic_info())
+
+
 # ----------------------------------------------------------------------------- where the upsamplers are
 
 def upsampler_calls(G, info, B=1):
@@ -403,31 +431,3 @@ def test_encoder_placement_adds_one_sau_and_runs():
         build(lggan.Config(upsample="sau", sau_placement="fig2", **TINY), semantic_info())
     with pytest.raises(ValueError, match="upsample_low_res"):
         build(lggan.Config(upsample="sau", sau_placement="encoder", upsample_low_res=True, **TINY), semantic_info())
-
-
-@pytest.mark.parametrize("impl", lggan.IMPLS)
-def test_eq6_pooling_by_class_area_or_by_image_area(impl):
-    """Semantic-guided average pooling by hand: "class" is the mean of f' over the class's pixels of that sample,
-    "image" (public code) the sum over them / (H*W); a class absent from one sample pools to 0 there (no NaN).
-    The config default reaches the model."""
-    torch.manual_seed(0)
-    N, C = 4, 3
-    lab = labels(classes=(0, 1, 3))                               # class 3 only in sample 0, class 2 nowhere
-    lab[0, :8, :8] = 2                                            # one small 8x8 patch of class 2 in sample 0
-    masks = F.one_hot(lab, N).permute(0, 3, 1, 2).float()
-    feat = torch.randn(2, C, H, W)
-    for pool in lggan.POOLS:
-        _, idx, pooled = lggan.ClassGenerator(N, C, impl, pool)(feat, masks)
-        for k, c in enumerate(idx.tolist()):
-            for b in range(2):
-                pix = feat[b][:, lab[b] == c]                     # (C, pixels of class c in sample b)
-                if pix.shape[1] == 0:
-                    want = torch.zeros(C)
-                else:
-                    want = pix.mean(1) if pool == "class" else pix.sum(1) / (H * W)
-                assert torch.allclose(pooled[b, k], want, atol=1e-6), (pool, b, c)
-    assert lggan.Config().cls_pool == "class"
-    G, _ = build(lggan.Config(cls_pool="image", **TINY), semantic_info())
-    assert G.local_gen.classes.pool == "image"
-    with pytest.raises(ValueError, match="cls_pool='sum'"):
-        build(lggan.Config(cls_pool="sum", **TINY), semantic_info())
