@@ -14,7 +14,11 @@ Map of the file:
                                   also the two-view "synthetic_crossview" mode
   FolderDataset, CrossViewPanels  Cityscapes, ADE20K, COCO-Stuff, Facades, DeepFashion, CelebAMask-HQ,
                                   custom folders; the 6-panel cross-view format (Dayton, CVUSA, SVA)
+  load_size, default_size         GauGAN's preprocessing (training: resize to size x 286/256, random crop, flip;
+                                  validation: resize; Cityscapes: resize only), each dataset's default size
+  CITYSCAPES_TRAIN_IDS            label id -> the 19 train ids the papers' Cityscapes evaluation counts
   make_dataset                    name -> dataset (with .info)
+  ArgumentParser                  argparse with one-line errors, for every script
   python data.py                  writes a PNG grid: image | colour label | Canny edges
 """
 import argparse
