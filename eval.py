@@ -10,8 +10,10 @@ extends the CVPR 2020 LGGAN paper), all in one file:
                  Without the weights file: "FID (segmenter features)", not comparable with published FIDs.
   mIoU / Acc     a segmenter on the generated images (confusion_matrix, segmentation_scores). The segmenter is
                  a TorchScript file the user exports (DRN / UperNet / DeepLab) or the built-in one (Segmenter,
-                 train_segmenter, load_segmenter), trained on real training images; its score on real validation
-                 images is reported as the ceiling.
+                 train_segmenter, load_segmenter), trained on real training images (steps scaled to the data,
+                 auto_segmenter_steps; ~10% held out, holdout_split, to report its own accuracy); its score on real
+                 validation images is reported as the ceiling. Cityscapes is scored on the 19 train ids
+                 (eval_classes, confusion_of: the papers' DRN protocol).
   cross-view     SSIM (Gaussian 11, sigma 1.5), PSNR, sharpness difference, and with a user-supplied TorchScript
                  scene classifier: top-1/top-5 accuracy, KL, inception-style score (classifier_metrics).
   evaluate/main  `python eval.py --ckpt RUN/ckpt_latest.pt [--inception PATH_OR_URL]` -> <RUN>/eval/{fake,real}/*.png,
