@@ -99,7 +99,16 @@ if env("FAULT_RENAME_PAUSE"):  # a pause between 'latest -> prev' and 'tmp -> la
     os.replace = replace
 
 sys.argv = ["train.py"] + sys.argv[1:]
-train.main()
+code = "exception"
+try:
+    train.main()
+    code = 0
+except SystemExit as e:
+    code = e.code
+    raise
+finally:  # how this rank's train.py ended (no file: killed by a signal)
+    if env("FAULT_MARK"):
+        open(os.path.join(env("FAULT_MARK"), "exit_rank%s" % env("RANK", "0")), "w").write(str(code))
 """
 
 
@@ -107,6 +116,24 @@ def wrapper(tmp_path):
     path = tmp_path / "train_with_faults.py"
     path.write_text(WRAPPER.format(root=ROOT))
     return str(path)
+
+
+def start_in_own_group(tmp_path, out, *extra, **faults):
+    """The run in a process group of its own, as `timeout`, a batch job or a systemd unit starts it, so that a
+    stop can be sent to the whole group (os.killpg: the DataLoader workers get it too). Returns (process, marks)."""
+    mark = tmp_path / "marks"
+    mark.mkdir(exist_ok=True)
+    cmd = [sys.executable, wrapper(tmp_path), *TINY, "--out", str(out), *extra]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(FAULT_MARK=str(mark), **faults), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return proc, mark
+
+
+def killpg(proc, sig):
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:  # the group has ended
+        pass
 
 
 def child_env(**faults):
@@ -209,6 +236,70 @@ def test_sigterm_saves_the_step_reached_and_exits_0(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("workers,sig", [("0", "SIGTERM"), ("1", "SIGTERM"), ("2", "SIGTERM"), ("2", "SIGINT")])
+def test_stop_sent_to_the_whole_group_saves_the_step_reached_exits_0_and_resumes_exactly(tmp_path, straight, workers,
+                                                                                       sig):
+    """As `timeout`, scancel and systemd stop a run (SIGTERM), or a terminal's Ctrl-C (SIGINT): to every process of
+    the group, the DataLoader workers too (which used to die and take the main process with them, nothing saved)."""
+    out = tmp_path / "run"
+    proc, mark = start_in_own_group(tmp_path, out, "--steps", str(N), "--ckpt_every", "1000", "--workers", workers,
+                                    FAULT_STEP_SLEEP="0.3")
+    try:
+        wait_for(lambda: (mark / "g3").exists(), proc, what="step 3")
+        killpg(proc, getattr(signal, sig))  # lands inside step 3
+        text = proc.communicate(timeout=60)[0]
+    finally:
+        killpg(proc, signal.SIGKILL)
+    assert proc.returncode == 0, text[-3000:]
+    reached = len(open(out / "log.jsonl").readlines())
+    assert f"stopped by signal at step {reached}" in text and 3 <= reached < N
+    assert train.load_checkpoint(out / "ckpt_latest.pt")["step"] == reached
+    assert not tmp_files(out)
+    run(out, "--ckpt_every", "1000", "--workers", workers, "--resume")
+    assert_same_nets(ckpt_of(out), straight)
+
+
+@pytest.mark.slow
+def test_more_signals_during_the_save_and_the_exit_change_nothing(tmp_path, straight):
+    out = tmp_path / "run"
+    proc, mark = start_in_own_group(tmp_path, out, "--steps", str(N), "--ckpt_every", "1000", "--workers", "1",
+                                    FAULT_STEP_SLEEP="0.3", FAULT_SLOW_WRITE="0.05")  # the save lasts 0.5 s
+    try:
+        wait_for(lambda: (mark / "g3").exists(), proc, what="step 3")
+        killpg(proc, signal.SIGTERM)
+        wait_for(lambda: tmp_files(out), proc, what="the save")
+        n = 0
+        while proc.poll() is None:  # impatient: SIGTERM and SIGINT to the group until the process has ended
+            killpg(proc, (signal.SIGTERM, signal.SIGINT)[n % 2])
+            n += 1
+            time.sleep(0.005)
+        text = proc.communicate(timeout=60)[0]
+    finally:
+        killpg(proc, signal.SIGKILL)
+    assert proc.returncode == 0 and n > 10, (n, text[-3000:])
+    reached = len(open(out / "log.jsonl").readlines())
+    assert train.load_checkpoint(out / "ckpt_latest.pt")["step"] == reached and not tmp_files(out)
+    run(out, "--ckpt_every", "1000", "--workers", "1", "--resume")
+    assert_same_nets(ckpt_of(out), straight)
+
+
+def test_a_failed_checkpoint_write_leaves_the_old_checkpoint_and_no_temp_file(tmp_path, monkeypatch):
+    train.save_checkpoint({"step": 1}, str(tmp_path))
+
+    def write_half_then_fail(obj, path):
+        with open(path, "wb") as fh:
+            fh.write(b"PK\x03\x04 half")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(train, "_write_synced", write_half_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        train.save_checkpoint({"step": 2}, str(tmp_path))
+    with pytest.raises(OSError, match="No space"):
+        train.atomic_save({"step": 2}, str(tmp_path / "other.pt"))
+    assert sorted(os.listdir(tmp_path)) == ["ckpt_latest.pt"]
+    assert torch.load(tmp_path / "ckpt_latest.pt", weights_only=True) == {"step": 1}
+
+
+@pytest.mark.slow
 def test_truncated_latest_names_the_file_and_resume_falls_back_to_prev(tmp_path, straight, capsys):
     run(tmp_path, "--ckpt_every", "1", "--stop_after", "2")
     latest, prev = tmp_path / "ckpt_latest.pt", tmp_path / "ckpt_prev.pt"
@@ -266,11 +357,12 @@ def test_elastic_restart_resumes_by_itself_and_matches_an_undisturbed_run(tmp_pa
 # 3. NaN / Inf losses
 
 
-def faulty(fn, bad_calls, value, net_index, seen):
-    """Wrap g_step/d_step: on the chosen calls the loss becomes `value`; records the parameters of the network the
-    loss updates at every call, so the test can check what a skipped update left behind."""
+def faulty(fn, bad_calls, value, seen):
+    """Wrap g_step/d_step (both take G, D first): on the chosen calls the loss becomes `value`; records the
+    parameters of G and D at every call, so the test can check what a skipped update left behind."""
     def wrapped(*a, **k):
-        seen.append({n: p.detach().clone() for n, p in a[net_index].named_parameters()})
+        seen.append({net: {n: p.detach().clone() for n, p in a[i].named_parameters()}
+                     for i, net in enumerate(("G", "D"))})
         loss, logs = fn(*a, **k)
         if len(seen) in bad_calls:
             loss = loss * value  # a real non-finite loss: backpropagating it would poison every gradient
@@ -282,14 +374,16 @@ def faulty(fn, bad_calls, value, net_index, seen):
 @pytest.mark.parametrize("which,value", [("g_step", float("nan")), ("d_step", float("inf"))])
 def test_one_nonfinite_loss_is_skipped_and_counted(tmp_path, monkeypatch, capsys, which, value):
     seen = []
-    net = 0 if which == "g_step" else 1  # g_step(G, D, ...) updates G; d_step(G, D, ...) updates D
-    monkeypatch.setattr(gaugan, which, faulty(getattr(gaugan, which), {3}, value, net, seen))
+    monkeypatch.setattr(gaugan, which, faulty(getattr(gaugan, which), {3}, value, seen))
     run(tmp_path)
     out = capsys.readouterr().out
     assert "non-finite loss" in out and "(1 skipped)" in out
     assert len(seen) == N + 1  # the skipped step is taken again with the next batch
-    for k in seen[2]:  # the call after the bad one sees the parameters the bad one saw: no update happened
-        assert torch.equal(seen[2][k], seen[3][k]), k
+    # the call after the bad one sees the parameters the bad one saw: the network the loss updates did not move,
+    # and after a non-finite G loss neither did D (its step is taken with G's, when the step is taken again)
+    for net in ("G", "D") if which == "g_step" else ("D",):
+        for k in seen[2][net]:
+            assert torch.equal(seen[2][net][k], seen[3][net][k]), (net, k)
     ckpt = ckpt_of(tmp_path)
     assert ckpt["step"] == N and all(torch.isfinite(v).all() for v in ckpt["G"].values())
     assert len(open(tmp_path / "log.jsonl").readlines()) == N
@@ -299,8 +393,8 @@ def test_one_nonfinite_loss_is_skipped_and_counted(tmp_path, monkeypatch, capsys
 def test_nonfinite_losses_in_a_row_stop_with_the_last_good_state(tmp_path, monkeypatch, capsys):
     seen_g, seen_d = [], []
     bad = set(range(3, 100))  # from the third step on, every loss is NaN
-    monkeypatch.setattr(gaugan, "g_step", faulty(gaugan.g_step, bad, float("nan"), 0, seen_g))
-    monkeypatch.setattr(gaugan, "d_step", faulty(gaugan.d_step, bad, float("nan"), 1, seen_d))
+    monkeypatch.setattr(gaugan, "g_step", faulty(gaugan.g_step, bad, float("nan"), seen_g))
+    monkeypatch.setattr(gaugan, "d_step", faulty(gaugan.d_step, bad, float("nan"), seen_d))
     with pytest.raises(SystemExit) as e:
         run(tmp_path, "--max_bad_steps", "3", "--ckpt_every", "100")
     assert e.value.code == 2
@@ -308,10 +402,11 @@ def test_nonfinite_losses_in_a_row_stop_with_the_last_good_state(tmp_path, monke
     assert "3 non-finite losses in a row at step 2" in captured.err and "ckpt_latest.pt" in captured.err
     assert "Traceback" not in captured.err
     assert len(seen_g) == 2 + 3  # two good steps, then three bad ones and stop
+    assert len(seen_d) == 2  # after a non-finite G loss, D's loss is not even computed
     ckpt = train.load_checkpoint(tmp_path / "ckpt_latest.pt")
     assert ckpt["step"] == 2
-    for net, seen in (("G", seen_g), ("D", seen_d)):  # the state when the first bad loss came
-        for k, v in seen[2].items():
+    for net in ("G", "D"):  # the state when the first bad loss came
+        for k, v in seen_g[2][net].items():
             assert torch.equal(ckpt[net][k], v), (net, k)
 
 
@@ -458,6 +553,67 @@ def test_bad_file_in_a_training_run_exits_2_naming_it(tmp_path, capsys, workers)
     err = capsys.readouterr().err
     assert e.value.code == 2 and "Traceback" not in err, err
     assert err.startswith(f"train.py: error: {tmp_path / 'data/train_label/cmp_2.png'}: cannot read label map"), err
+    # the state reached is saved before the error (here the step before the bad batch)
+    reached = len(open(tmp_path / "run" / "log.jsonl").readlines())
+    assert train.load_checkpoint(tmp_path / "run" / "ckpt_latest.pt")["step"] == reached
+    assert f"saved in {tmp_path / 'run'}/ckpt_latest.pt" in err.splitlines()[0]
+
+
+@pytest.mark.slow
+def test_file_broken_mid_training_saves_the_state_first_and_resume_after_the_fix_is_exact(tmp_path, monkeypatch,
+                                                                                        capsys):
+    build_tree(tmp_path / "data", "facades", n=4, h=40, w=72)  # 2 batches an epoch
+    args = TINY + ["--dataset", "facades", "--dataroot", str(tmp_path / "data"), "--workers", "1", "--steps", "6",
+                   "--ckpt_every", "1000"]
+    train.main(args + ["--out", str(tmp_path / "straight")])
+    label = tmp_path / "data/train_label/cmp_2.png"
+    good = label.read_bytes()
+    g_step, calls = gaugan.g_step, []
+
+    def breaks_a_file_in_step_2(*a, **k):  # the disk goes bad while epoch 0 ends: epoch 1 cannot read the file
+        calls.append(1)
+        if len(calls) == 2:
+            truncate(label)
+        return g_step(*a, **k)
+    monkeypatch.setattr(gaugan, "g_step", breaks_a_file_in_step_2)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        train.main(args + ["--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err and err.startswith(f"train.py: error: {label}: "), err
+    reached = len(open(out / "log.jsonl").readlines())
+    assert train.load_checkpoint(out / "ckpt_latest.pt")["step"] == reached >= 2
+    label.write_bytes(good)  # the user fixes the file and resumes: the run ends as if nothing had happened
+    monkeypatch.setattr(gaugan, "g_step", g_step)
+    train.main(args + ["--out", str(out), "--resume"])
+    assert_same_nets(ckpt_of(out), ckpt_of(tmp_path / "straight"))
+
+
+@pytest.mark.slow
+def test_a_run_that_failed_with_its_workers_alive_still_lets_the_process_exit(tmp_path):
+    """The failed loader's workers outlive train() while its error is kept (a traceback holds the iterator): at exit
+    the main process ends them with SIGTERM, which the workers must obey although they drop the group's stops."""
+    build_tree(tmp_path / "data", "facades", n=4, h=32, w=64)
+    truncate(tmp_path / "data/train_label/cmp_2.png")
+    argv = TINY + ["--dataset", "facades", "--dataroot", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+                   "--steps", "4", "--workers", "2"]
+    script = (f"import sys; sys.path.insert(0, {ROOT!r}); import train\n"
+              f"try:\n    train.main({argv!r})\nexcept SystemExit as e:\n    kept = e\nprint('exiting', flush=True)\n")
+    res = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=child_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and "exiting" in res.stdout and "cannot read label map" in res.stderr, res.stderr
+
+
+@pytest.mark.slow
+def test_mid_epoch_resume_with_random_crops_and_flips_in_workers_is_bit_exact(tmp_path):
+    """A resumed epoch hands its remaining samples to fresh workers, each a different share than in the straight
+    run: the random jitter of a sample must not depend on which worker loads it, nor on what it loaded before."""
+    build_tree(tmp_path / "data", "facades", n=8, h=40, w=72)  # 4 batches an epoch
+    args = TINY + ["--dataset", "facades", "--dataroot", str(tmp_path / "data"), "--workers", "2", "--steps", "4"]
+    train.main(args + ["--out", str(tmp_path / "straight")])
+    train.main(args + ["--out", str(tmp_path / "sliced"), "--stop_after", "1"])
+    train.main(args + ["--out", str(tmp_path / "sliced"), "--resume"])
+    assert_same_nets(ckpt_of(tmp_path / "sliced"), ckpt_of(tmp_path / "straight"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
