@@ -8,27 +8,34 @@ fast-vs-naive component pairs, all measured in one run on the machine it runs on
     python bench.py --device cuda --size 256 512 --batch 4 --preset paper --ups more --amp bf16 --compile
 
 Map of this file
+    time_it, peak_memory  the two measurements (median seconds; peak bytes allocated, public APIs only)
     make_batch            a synthetic-streets batch through data.prepare_batch (what train.py feeds the models)
     model_configs         GauGAN, LGGAN, LGGAN++ (upsample="sau") and ECGAN at a train.py preset
     train_step            one G step + one D step as train.py does them (frozen D in the G step, Adam updates)
     bench_models          step time (median) and peak memory per model, ratio to GauGAN
     memory_scale          largest batch at 256x512 that fits a memory budget, from a measured per-sample peak
-    component rows        SAU (sau.benchmark), per-class generation (lggan.bench_classes), contrastive and
-                          similarity (ecgan.bench_contrastive, ecgan.bench_similarity)
+    component rows        every fast path beside its naive twin and a floor measured in the same run: SAU
+                          (bench_sau, + Table 12's zoo with --sau_zoo), per-class generation (LGGAN's
+                          ClassGenerator, ECGAN's ClassSpecificGenerator: bench_classes), contrastive Eq. 5
+                          (bench_contrastive), similarity Eq. 3 (bench_similarity), ECGAN's memory bank (bench_bank)
     main                  prints the markdown tables (and writes them with --out)
 
-Time: median of --reps runs after one warm-up. Peak memory: sau.peak_memory (CUDA allocator peak; on CPU the
-profiler's allocation events), bytes allocated during one step beyond what was live before it.
+Time: median of --reps runs after one warm-up. Peak memory: bytes allocated during one step beyond what was live
+before it (CUDA: torch.cuda.max_memory_allocated; CPU: the allocation and free events of torch.profiler's trace).
+Ratios ("x fast", "x floor") compare rows of this one run.
 """
 
 import dataclasses
+import json
 import math
 import os
 import platform
 import sys
+import tempfile
 import time
 
 import torch
+import torch.nn.functional as F
 
 import data
 import ecgan
@@ -39,6 +46,57 @@ import train
 
 MODELS = ("gaugan", "lggan", "lggan++ (sau)", "ecgan")
 TARGETS = {"lggan++ (sau)": 2.0, "ecgan": 2.5}  # step-time ratio targets to GauGAN at the same size
+SAU_FLOOR_TARGET = 3.0  # SAU lean forward + backward within 3x of the floor that moves the same bytes once
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_it(fn, device, reps):
+    """Median seconds of fn() over reps runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def peak_memory(fn, device):
+    """Peak bytes of tensors allocated while fn() runs, over what was live before it.
+    CUDA: the allocator's max_memory_allocated. CPU: torch.profiler with profile_memory=True records every
+    allocation and free ("[memory]" events of its exported trace, in time order); the running sum of their sizes
+    peaks at the answer. Blocks allocated before fn and freed in it are left out, so they cannot lower the peak
+    (the profiler's "Memory block of unknown size" warning is about them)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as fh:
+            events = json.load(fh)["traceEvents"]
+    sizes = [(float(e["ts"]), e["args"]["Bytes"]) for e in events if e.get("name") == "[memory]"]
+    cur = peak = 0
+    for _, size in sorted(sizes, key=lambda t: t[0]):  # stable: events of one timestamp keep their order
+        cur += size
+        peak = max(peak, cur)
+    return peak
 
 
 def load():
@@ -103,10 +161,6 @@ def train_step(module, cfg, nets, batch, amp_dtype, device):
     return loss_g.item(), loss_d.item()
 
 
-def count(module):
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
 def bench_models(args, amp_dtype):
     """Rows: (name, seconds per step, peak bytes, G params)."""
     H, W = args.size
@@ -118,8 +172,8 @@ def bench_models(args, amp_dtype):
                          else v) for k, v in batch.items()}
         nets = build(module, cfg, info, args.device, args.channels_last, args.compile)
         step = lambda: train_step(module, cfg, nets, batch, amp_dtype, args.device)
-        t = sau.time_it(step, args.device, args.reps)  # warm-up first: Adam state exists before the peak
-        rows.append((name, t, sau.peak_memory(step, args.device), count(nets[0])))
+        t = time_it(step, args.device, args.reps)  # warm-up first: Adam state exists before the peak
+        rows.append((name, t, peak_memory(step, args.device), gaugan.count_params(nets[0], trainable=True)))
         print(f"  measured {name}", file=sys.stderr, flush=True)
     return rows
 
@@ -151,9 +205,10 @@ def memory_scale(args, amp_dtype, budget=24 * 2**30, H=256, W=512):
                     loss_d, _ = module.d_step(G_run, D_run, batch, cfg)
                 loss_d.backward()
             train_step(module, cfg, nets, batch, amp_dtype, args.device)  # Adam state and gradients allocated
-            peaks.append(sau.peak_memory(passes, args.device))
-            persistent = 16 * (count(G) + count(D))  # fp32 weights, grads, exp_avg, exp_avg_sq
-            persistent += 4 * sum(p.numel() for p in G.parameters() if not p.requires_grad)  # ECGAN's frozen G_l
+            peaks.append(peak_memory(passes, args.device))
+            # fp32 weights, grads, exp_avg, exp_avg_sq of what trains
+            persistent = 16 * (gaugan.count_params(G, trainable=True) + gaugan.count_params(D, trainable=True))
+            persistent += 4 * gaugan.count_params(G, trainable=False)  # ECGAN's frozen G_l
             del nets, G, D, G_run, D_run, passes
         per_sample = peaks[1] - peaks[0]
         fixed = persistent + peaks[0] - per_sample
@@ -168,54 +223,272 @@ def mem_ups(args):
     return "more" if args.mem_size[0] % 64 == 0 and args.mem_size[1] % 64 == 0 else "normal"
 
 
-def component_rows(args):
-    """Markdown rows of the fast-vs-naive pairs, from the model files' own benchmark functions."""
-    q, dev, reps = args.quick, args.device, args.reps
+# ----------------------------------------------------------------------------- component pairs
+#
+# Each bench_* returns rows (group, impl, seconds, peak bytes or None, note, role): role "fast" is the path the
+# models use, "floor" a lower bound measured in the same run (the same bytes or the same matmuls with nothing
+# else), None the rest (naive twins, older paths). format_components turns them into "x fast" / "x floor" columns.
+
+
+class _ReadWriteFloor(torch.autograd.Function):
+    """The traffic SAU cannot avoid, with no arithmetic: forward reads x and the kernels once (a sum) and writes
+    an output-sized tensor once; backward reads the output's gradient, x and the kernels and writes their two
+    gradients once."""
+
+    @staticmethod
+    def forward(ctx, x, kernels, out_shape):
+        ctx.save_for_backward(x, kernels)
+        x.sum(), kernels.sum()
+        return x.new_zeros(out_shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, kernels = ctx.saved_tensors
+        grad.sum(), x.sum(), kernels.sum()
+        return torch.zeros_like(x), torch.zeros_like(kernels), None
+
+
+def bench_sau(B, C, H, W, device, reps, zoo=("nearest",), k=5, scale=2, naive_hw=(4, 8)):
+    """SAU's Eq. 1 per window: lean (the models' path), lean through plain autograd, vectorized (the paper's
+    unfold pipeline), naive (Eq. 1's loops, timed on a naive_hw crop and scaled by the pixel count) and the
+    read-write floor; then the Table 12 upsamplers named in zoo at the same size, forward + backward."""
+    torch.manual_seed(0)
+    x = torch.randn(B, C, H, W, device=device, requires_grad=True)
+    kern = torch.softmax(torch.randn(B, k * k, scale * H, scale * W, device=device), 1).requires_grad_()
+    g = torch.randn(B, C, scale * H, scale * W, device=device)
+
+    def measure(f, xs=x, ks=kern, gs=g, reps=reps, memory=True):
+        def step():
+            xs.grad = ks.grad = None
+            f(xs, ks).backward(gs)
+        t, m = time_it(step, device, reps), peak_memory(step, device) if memory else None
+        xs.grad = ks.grad = None
+        return t, m
+
+    floor = measure(lambda a, b: _ReadWriteFloor.apply(a, b, g.shape))
+    h, w = min(H, naive_hw[0]), min(W, naive_hw[1])
+    xc = x.detach()[:, :, :h, :w].clone().requires_grad_()
+    kc = kern.detach()[:, :, :scale * h, :scale * w].clone().requires_grad_()
     rows = []
-    # SAU at the layer level (sau.benchmark: both windows, lean with and without its autograd.Function,
-    # and nearest upsampling from the Table 12 zoo); --sau_size, default a cpu-preset layer (32 channels)
-    B, C, H, W = args.sau_size
-    sau_rows = sau.benchmark(B, C, H, W, device=dev, reps=reps, skip=[u for u in sau.UPSAMPLERS if u != "nearest"])
-    near = next(t for name, t, _, _ in sau_rows if name == "zoo nearest")
-    lean = next(t for name, t, _, _ in sau_rows if name == "sau_upsample lean, expanded")
-    for name, t, m, _ in sau_rows:
-        note = f"x nearest {t / near:.1f}" + (" (target on GPU: lean <= 2x nearest)" if t is lean else "")
-        rows.append(f"| SAU layer B={B} C={C} {H}x{W}->{2 * H}x{2 * W} | {name} | {t * 1e3:.1f} | "
-                    f"{m / 2**20:.1f} | {t / lean:.2f} | {note} |")
-    # per-class generation (Eq. 2), naive loop vs grouped conv vs pixel, ~10 classes present
-    B, C, H, W = (2, 8, 32, 64) if q else (args.batch, train.PRESETS["cpu"]["ngf"], *args.size)
-    for setting, res in lggan.bench_classes(B, C, H, W, reps, settings=((35, 10), (150, 10)), device=dev):
-        fast = res["pixel"][0]
-        for impl, (t, m) in res.items():
-            rows.append(f"| per-class generation B={B} C={C} {H}x{W}, {setting} | {impl} | {t * 1e3:.1f} | "
-                        f"{m / 2**20:.1f} | {t / fast:.2f} | |")
-    # pixel contrastive loss (Eq. 5)
-    anchors, sub = (128, 32) if q else (1024, 256)
-    res = ecgan.bench_contrastive(dev, anchors, sub)
-    fast = res[0][1]
-    for impl, t, m in res:
-        note = f"extrapolated x(anchors/{m})^2 from {m} anchors" if m else ""
-        rows.append(f"| contrastive Eq. 5, {anchors} anchors, 256-d | {impl} | {t * 1e3:.1f} | - | "
-                    f"{t / fast:.1f} | {note} |")
-    # data: what train.py does per step outside the models (DataLoader workers overlap the first part)
-    B, (H, W) = args.batch, args.size
+    for window in sau.WINDOWS:
+        group = f"SAU layer ({window} window) B={B} C={C} {H}x{W}->{scale * H}x{scale * W}"
+        rows.append((group, "floor: read x, kernels; write output (fwd and bwd)", *floor, "same bytes, no math",
+                     "floor"))
+        for name, impl, role in (("lean", "lean", "fast"), ("vectorized", "vectorized", None)):
+            t, m = measure(lambda a, b: sau.sau_upsample(a, b, scale, window, impl))
+            rows.append((group, f"sau_upsample {name}", t, m, "", role))
+        t, m = measure(lambda a, b: sau._sau_lean(a, b, scale, k, window, autograd_function=False))
+        rows.append((group, "sau_upsample lean, plain autograd", t, m, "no hand-written backward", None))
+        t, _ = measure(lambda a, b: sau.sau_upsample(a, b, scale, window, "naive"), xc, kc,
+                       g[:, :, :scale * h, :scale * w], reps=1, memory=False)
+        rows.append((group, "sau_upsample naive", t * (H * W) / (h * w), None,
+                     f"extrapolated x(HW/hw) from {h}x{w}", None))
+    group = f"Table 12 upsamplers B={B} C={C} {H}x{W}->{scale * H}x{scale * W}"
+    rows.append((group, "floor: read x, kernels; write output (fwd and bwd)", *floor, "", "floor"))
+    for name in zoo:
+        m = sau.make_upsampler(name, C, scale).to(device)
+        t, mem = measure(lambda a, b: m(a))
+        rows.append((group, f"zoo {name}", t, mem, f"{gaugan.count_params(m):,} params",
+                     "fast" if name == "nearest" else None))
+    return rows
+
+
+def label_map(B, H, W, num_classes, present, block=8, seed=0):
+    """A blocky label map (B, H, W) using `present` of the num_classes classes (each appears at least once)."""
+    g = torch.Generator().manual_seed(seed)
+    classes = torch.randperm(num_classes, generator=g)[:present]
+    cells = torch.randint(0, present, (B, H // block, W // block), generator=g)
+    cells.view(-1)[:present] = torch.arange(present)
+    return classes[cells].repeat_interleave(block, 1).repeat_interleave(block, 2)
+
+
+def bench_classes(B, C, H, W, device, reps, settings=((35, 10), (150, 10))):
+    """Per-class generation, forward + backward, for each (classes N, present K): LGGAN's ClassGenerator (Eq. 2:
+    naive loop over N, vectorized grouped conv over K, pixel) and ECGAN's ClassSpecificGenerator (Eqs. 6, 7:
+    naive loop, vectorized over K), each beside one class's convs on F (what 'pixel' costs at best, and the
+    per-class unit that 'vectorized' pays K times)."""
+    rows = []
+    for N, K in settings:
+        torch.manual_seed(0)
+        feat = torch.randn(B, C, H, W, device=device, requires_grad=True)
+        masks = F.one_hot(label_map(B, H, W, N, K), N).permute(0, 3, 1, 2).float().to(device)
+
+        def measure(f):
+            def step():
+                feat.grad = None
+                f().sum().backward()
+            return time_it(step, device, reps), peak_memory(step, device)
+
+        lg = lggan.ClassGenerator(N, C).to(device)
+        group = f"per-class generation, LGGAN G_l B={B} C={C} {H}x{W}, {N} classes, {K} present"
+        pad = lambda: F.pad(feat, (3, 3, 3, 3), mode="reflect")
+        rows.append((group, "floor: one class's 7x7 conv", *measure(lambda: F.conv2d(pad(), lg.weight[0], lg.bias[0])),
+                     "", "floor"))
+        for impl in lggan.IMPLS:
+            lg.impl = impl
+            rows.append((group, impl, *measure(lambda: lg(feat, masks)[0]), "", "fast" if impl == "pixel" else None))
+        ec = ecgan.ClassSpecificGenerator(N, C).to(device)
+        group = f"per-class generation, ECGAN G_c B={B} C={C} {H}x{W}, {N} classes, {K} present"
+
+        def one_class():
+            x, i = feat, torch.zeros(1, dtype=torch.long, device=device)
+            for j in range(len(ec.weight)):
+                w, b = ec.layer(j, i)
+                x = F.conv2d(F.leaky_relu(x, 0.2), w[0], b[0], padding=1)
+            return x
+        rows.append((group, "floor: one class's conv stack", *measure(one_class), "", "floor"))
+        for impl in ecgan.CLASS_IMPLS:
+            ec.impl = impl
+            rows.append((group, impl, *measure(lambda: ec(feat, masks)[0]), "",
+                         "fast" if impl == "vectorized" else None))
+    return rows
+
+
+def bench_contrastive(device, reps, anchors=1024, naive_anchors=256, dim=256, classes=20):
+    """Eq. 5 forward + backward at `anchors` anchors: vectorized, naive (its ~anchors^2 Python steps timed on
+    naive_anchors anchors of the same class mix, scaled by (anchors / naive_anchors)^2) and the floor, the
+    anchors x anchors similarity matmul alone."""
+    torch.manual_seed(0)
+    labels = torch.arange(classes, device=device).repeat_interleave(-(-anchors // classes))[:anchors]
+    emb = torch.randn(anchors, dim, device=device, requires_grad=True)
+    group = f"contrastive Eq. 5, {anchors} anchors, {dim}-d"
+
+    def step(f):
+        def run():
+            emb.grad = None
+            f().backward()
+        return run
+    vec = step(lambda: ecgan.pixel_contrastive_loss(emb, labels, 0.1, "vectorized"))
+    floor = step(lambda: (emb @ emb.t()).sum())
+    m = min(naive_anchors, anchors)
+    sub = labels if m == anchors else labels[torch.linspace(0, anchors - 1, m).long()]
+    naive = step(lambda: ecgan.pixel_contrastive_loss(emb[:m], sub, 0.1, "naive"))
+    return [(group, "floor: anchors x anchors matmul", time_it(floor, device, reps), peak_memory(floor, device), "",
+             "floor"),
+            (group, "vectorized", time_it(vec, device, reps), peak_memory(vec, device), "", "fast"),
+            (group, "naive", time_it(naive, device, 1) * (anchors / m) ** 2, None,
+             f"extrapolated x(anchors/{m})^2 from {m} anchors" if m != anchors else "", None)]
+
+
+def bench_similarity(device, reps, sizes, N=35, chunk=1024, full=False):
+    """Eq. 3 forward + backward per ((B, H, W), impls): naive (M x M maps), checkpoint (the previous chunked path),
+    chunked (gradient block by block) and the floor, the two matmuls per block the chunked path cannot avoid
+    (A'' rows and their gradient) with no elementwise work. full: one 256x512 image (M = 131,072) through the
+    chunked code for two of its row blocks, time scaled to all of them."""
+    torch.manual_seed(0)
+    rows = []
+    for (B, H, W), impls in sizes:
+        probs = torch.randn(B, N, H, W, device=device).softmax(1).requires_grad_()
+        target = F.one_hot(torch.randint(0, N, (B, H, W), device=device), N).permute(0, 3, 1, 2).float()
+        group = f"similarity Eq. 3, B={B} {H}x{W} (M={H * W}), {N} classes"
+        p = probs.detach().flatten(2)  # (B, N, M)
+
+        def floor():
+            for pb in p:
+                for r in range(0, pb.shape[1], chunk):
+                    q = pb[:, r:r + chunk].t() @ pb     # (chunk, M) rows of A''
+                    pb @ q.t()                          # their gradient's matmul
+        rows.append((group, "floor: two matmuls per row block", time_it(floor, device, reps),
+                     peak_memory(floor, device), "no elementwise work", "floor"))
+        for impl in impls:
+            def fn(impl=impl):
+                probs.grad = None
+                ecgan.similarity_loss(probs, target, impl, chunk=chunk).backward()
+            # medians of 5 where cheap: the ratios move with a shared machine's load
+            r = max(reps, 5) if H * W <= 4096 else reps
+            rows.append((group, impl, time_it(fn, device, r), peak_memory(fn, device), "",
+                         "fast" if impl == "chunked" else None))
+    if full:
+        M = 256 * 512
+        p = torch.randn(N, M, device=device).softmax(0)
+        lab = torch.randint(0, N, (M,), device=device)
+        fn = lambda: ecgan._sim_blocks(p, lab, 1e-6, (0, chunk), chunk, need_grad=True)
+        t = time_it(fn, device, 1) * (M // chunk) / 2
+        rows.append((f"similarity Eq. 3, B=1 256x512 (M={M}), {N} classes", "chunked", t, peak_memory(fn, device),
+                     f"extrapolated from 2/{M // chunk} row blocks; naive: {M * M * 4 / 2**30:.0f} GiB per M x M "
+                     f"float32 map", "fast"))
+    return rows
+
+
+def bench_bank(args, amp_dtype, rounds=5):
+    """ECGAN's training step (train_step) with its memory bank full (the steady state) and without one
+    (bank_per_class=0), timed in turn for `rounds` rounds, medians, so that a shared machine's load falls on
+    both alike."""
+    (_, module, cfg), = [c for c in model_configs(args.preset, args.ups) if c[0] == "ecgan"]
+    H, W = args.size
+    info, batch = make_batch(args.batch, H, W, args.device, edges=True)
+    runs = {}
+    for name, c in ((f"with bank ({cfg.bank_per_class}/class, full)", cfg),
+                    ("without bank", dataclasses.replace(cfg, bank_per_class=0))):
+        nets = build(module, c, info, args.device)
+        G = nets[0]
+        if c.bank_per_class > 0:
+            G.bank_emb.copy_(F.normalize(torch.randn_like(G.bank_emb), dim=2))
+            G.bank_count.fill_(c.bank_per_class)
+        step = lambda c=c, nets=nets: train_step(module, c, nets, batch, amp_dtype, args.device)
+        step()  # warm-up
+        runs[name] = (step, [])
+    for _ in range(rounds):
+        for step, times in runs.values():
+            _sync(args.device)
+            t0 = time.perf_counter()
+            step()
+            _sync(args.device)
+            times.append(time.perf_counter() - t0)
+    group = f"ECGAN step, memory bank, preset {args.preset} {H}x{W} batch {args.batch}"
+    return [(group, name, sorted(times)[len(times) // 2], None, f"G+D step, median of {rounds}",
+             "fast" if name == "without bank" else None) for name, (_, times) in runs.items()]
+
+
+def bench_data(args):
+    """What train.py does per step outside the models (DataLoader workers overlap the first part); forward only."""
+    B, (H, W), dev = args.batch, args.size, args.device
     ds = data.make_dataset("synthetic", size=(H, W))
     load = lambda: torch.utils.data.default_collate([ds[i] for i in range(B)])
     raw = load()
-    for name, fn in ((f"{B} synthetic samples + collate", load),
-                     ("prepare_batch (one-hot, instance edges)", lambda: data.prepare_batch(raw, ds.info, dev)),
-                     ("prepare_batch, edges=True (+ Canny, ECGAN)",
-                      lambda: data.prepare_batch(raw, ds.info, dev, edges=True))):
-        rows.append(f"| data B={B} {H}x{W} | {name} | {sau.time_it(fn, dev, reps) * 1e3:.1f} | - | - | "
-                    f"forward only |")
-    # similarity loss (Eq. 3)
-    sizes = (((2, 16, 32), ("naive", "chunked")),) if q else (((2, 32, 64), ("naive", "chunked")),)
-    res = ecgan.bench_similarity(dev, sizes, chunk=256 if q else 1024)
-    fast = next(t for _, impl, t, _ in res if impl == "chunked")
-    for (B, H, W), impl, t, m in res:
-        rows.append(f"| similarity Eq. 3, B={B} {H}x{W} (M={H * W}), 35 classes | {impl} | {t * 1e3:.1f} | "
-                    f"{m / 2**20:.1f} | {t / fast:.2f} | |")
+    return [(f"data B={B} {H}x{W}", name, time_it(fn, dev, args.reps), None, "forward only", None)
+            for name, fn in ((f"{B} synthetic samples + collate", load),
+                             ("prepare_batch (one-hot, instance edges)", lambda: data.prepare_batch(raw, ds.info, dev)),
+                             ("prepare_batch, edges=True (+ Canny, ECGAN)",
+                              lambda: data.prepare_batch(raw, ds.info, dev, edges=True)))]
+
+
+def component_rows(args, amp_dtype=None):
+    """Every component group at the sizes args asks for: rows (group, impl, seconds, bytes, note, role)."""
+    q, dev, reps = args.quick, args.device, args.reps
+    B, C, H, W = args.sau_size
+    zoo = sau.UPSAMPLERS if args.sau_zoo else ("nearest",)
+    rows = bench_sau(B, C, H, W, dev, reps, zoo=zoo)
+    B, C, H, W = (2, 8, 32, 64) if q else (args.batch, train.PRESETS["cpu"]["ngf"], *args.size)
+    rows += bench_classes(B, C, H, W, dev, reps)
+    rows += bench_contrastive(dev, reps, *((128, 32) if q else (1024, 256)))
+    sizes = ((((2, 16, 32), ("naive", "checkpoint", "chunked")),) if q else
+             (((2, 32, 64), ("naive", "checkpoint", "chunked")), ((2, 64, 128), ("checkpoint", "chunked"))))
+    rows += bench_similarity(dev, reps, sizes, chunk=256 if q else 1024, full=not q)
+    rows += bench_bank(args, amp_dtype, rounds=reps if q else max(reps, 5))
+    rows += bench_data(args)
     return rows
+
+
+def format_components(rows):
+    """Markdown lines: each row's time and peak, its ratio to its group's fast path and floor, and its note."""
+    fast = {g: t for g, _, t, _, _, role in rows if role == "fast"}
+    floor = {g: t for g, _, t, _, _, role in rows if role == "floor"}
+    ratio = lambda t, base: f"{t / base:.2f}" if base else "-"
+    return [f"| {g} | {impl} | {t * 1e3:.1f} | {'-' if m is None else f'{m / 2**20:.1f}'} | "
+            f"{ratio(t, fast.get(g))} | {ratio(t, floor.get(g))} | {note} |" for g, impl, t, m, note, _ in rows]
+
+
+def sau_floor_lines(rows):
+    """The SAU target: lean forward + backward within SAU_FLOOR_TARGET x its floor, per window."""
+    out = []
+    for g, impl, t, _, _, role in rows:
+        if g.startswith("SAU layer") and role == "fast":
+            floor = next(t2 for g2, _, t2, _, _, r2 in rows if g2 == g and r2 == "floor")
+            met = "met" if t / floor <= SAU_FLOOR_TARGET else "MISSED"
+            out.append(f"{g}: lean forward+backward = {t / floor:.1f}x the read-write floor "
+                       f"(target <= {SAU_FLOOR_TARGET:g}x: {met})")
+    return out
 
 
 def check_args(ap, args):
@@ -258,8 +531,11 @@ def main(argv=None):
                     help="torch.compile G and D (model steps only); optional backend, default inductor")
     ap.add_argument("--reps", type=int, default=3, help="timed runs per measurement (median)")
     ap.add_argument("--sau_size", type=int, nargs=4, metavar=("B", "C", "H", "W"), default=None,
-                    help="SAU layer input (default 4 32 32 64; on CUDA 4 256 64 128, sau.py's size; quick 2 8 16 32)")
-    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: PyTorch's default)")
+                    help="SAU layer input (default 4 32 32 64; on CUDA 4 256 64 128; quick 2 8 16 32)")
+    ap.add_argument("--sau_zoo", action="store_true", help="also time every Table 12 upsampler at --sau_size "
+                    "(default: nearest only; 'attention' holds a (HW)^2 map)")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: PyTorch's default; on a shared "
+                    "machine use 1: the SAU lean path's many small ops stall on oversubscribed threads)")
     ap.add_argument("--no_components", action="store_true", help="model steps only")
     ap.add_argument("--no_memory_scale", action="store_true", help="skip the 256x512 memory-scale table")
     ap.add_argument("--mem_size", type=int, nargs=2, metavar=("H", "W"), default=None,
@@ -304,9 +580,11 @@ def main(argv=None):
              f"{n / 1e6:.2f} |")
 
     if not args.no_components:
-        emit("", "| component | impl | fwd+bwd ms | peak MiB | x fast time | note |", "|---|---|---|---|---|---|")
-        for line in component_rows(args):
-            emit(line)
+        rows = component_rows(args, amp_dtype)
+        emit("", "| component | impl | fwd+bwd ms | peak MiB | x fast | x floor | note |",
+             "|---|---|---|---|---|---|---|")
+        emit(*format_components(rows))
+        emit("", *sau_floor_lines(rows))
 
     if not args.no_memory_scale:
         rows = memory_scale(args, amp_dtype)

@@ -11,7 +11,7 @@ Map of this file (Fig. 1 of the paper):
     semantic_reweight         Eq. 2: F_c' = F_c * sigmoid(AvgPool(F_c)) + F_c
     Branch                    G_e / G_i: n = 3 convs (C -> C/2 -> C/4 -> C/8), LeakyReLU before each, conv + tanh
     SemanticPreserving        G_s: concat(F, I', I_e', S) -> N-channel F_c -> Eq. 2 -> C+N+3+3 -> conv + tanh -> I''
-    LabelGenerator            G_l: a frozen segmenter (eval.py's) that passes gradient to its input only
+    LabelGenerator            G_l: a frozen segmenter (segmenter.py's) that passes gradient to its input only
     ProjectionHead, sample_anchors, pixel_contrastive_loss   G_c: Eq. 5 on class-balanced pixels across the batch
                               (and across ranks: gather_anchors), against a per-class memory bank of earlier steps
     ClassSpecificGenerator    Eqs. 6, 7: several spectral-normed convs per class on the class-masked contrastively
@@ -48,13 +48,11 @@ Choices where the paper is silent (each is named again where it is made):
     - Eq. 1's I' lies in [-2, 2]; eq1_range="half" or "tanh" keeps it in the images' [-1, 1] (default: as written).
     - Hinge losses (GauGAN) for the log terms of Eqs. 8, 9; `gan_loss="log"` uses them as written.
 
-`python ecgan.py` prints the parameter table; `python ecgan.py --bench` times the fast losses against the naive
-ones and an ECGAN step against a GauGAN step.
+`python ecgan.py` prints the parameter table; bench.py times the fast paths against the naive ones and an ECGAN
+step against a GauGAN step.
 """
 
 import os
-import sys
-import time
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +64,7 @@ from torch.utils.checkpoint import checkpoint
 
 import gaugan
 import lggan  # LGGAN's class-specific generator is ECGAN's G_c generator (Eqs. 6, 7)
+import segmenter  # G_l's network: the built-in segmenter (or a user's TorchScript export)
 
 
 def conv(cin, cout, k=3, spectral=True):
@@ -138,7 +137,7 @@ class SemanticPreserving(nn.Module):
 
 
 class LabelGenerator(nn.Module):
-    """G_l: a pretrained segmenter (SegFormer in the paper; eval.py's built-in one or a TorchScript export here),
+    """G_l: a pretrained segmenter (SegFormer in the paper; segmenter.py's built-in one or a TorchScript export here),
     frozen: no parameter of it requires grad and it stays in eval mode (its batch norm must not see generated
     images), yet gradient flows through it to the image it segments."""
 
@@ -163,19 +162,15 @@ class LabelGenerator(nn.Module):
 
 
 def make_label_generator(cfg, info):
-    try:
-        import eval as evaluation  # imported here: eval.py imports model files lazily and must not be circular
-    except ImportError as e:  # pragma: no cover
-        raise ImportError(f"ecgan.py: the label generator G_l needs eval.py (Segmenter, load_segmenter): {e}") from e
     if cfg.segmenter:
         if not os.path.isfile(cfg.segmenter):
             raise FileNotFoundError(f"ecgan.py: ECGANConfig.segmenter={cfg.segmenter!r} does not exist (train one "
                                     f"with eval.train_segmenter, or leave it empty for an untrained one)")
-        net = evaluation.load_segmenter(cfg.segmenter, info)
+        net = segmenter.load_segmenter(cfg.segmenter, info)
     else:
         # untrained: fine for tests and for loading a checkpoint (its weights are in G's state dict); train.py
         # trains one on real images and sets cfg.segmenter before building a model to train.
-        net = evaluation.Segmenter(info.label_nc)
+        net = segmenter.Segmenter(info.label_nc)
     return LabelGenerator(net)
 
 
@@ -559,7 +554,7 @@ class ECGANConfig:
     use_label_gen: bool = True            # G_l + similarity loss (Sec. 3.2, Eq. 3)
     use_contrast: bool = True             # G_c: pixel contrast (Eq. 5) + class-specific generation (Eqs. 6, 7)
     # label generator and similarity loss
-    segmenter: str = ""                   # G_l weights: eval.py segmenter checkpoint or TorchScript; train.py fills it
+    segmenter: str = ""                   # G_l weights: built-in segmenter checkpoint or TorchScript; train.py fills it
     sim_on_intermediate: bool = True      # Eq. 10's L_sim(S, S') with S' = G_l(I') (ours; False: the S'' term alone)
     sim_stride: int = 4                   # Eq. 3 at 1/4 resolution (ours: M^2 at full res is 1.7e10 on Cityscapes)
     sim_impl: str = "chunked"             # "chunked" (memory O(chunk * M)) | "naive" (O(M^2))
@@ -666,7 +661,7 @@ class ECGANGenerator(nn.Module):
         pixel contrast for segmentation keeps 5,000 per class, 10 pixels per class and image pushed per step
         (~30 steps of 16 images). 200 here: with 1,024 anchors over Cityscapes' 35 classes (~29 per class per
         step) it spans the last ~7 steps, a dozen images beyond the batch, and keeps the ECGAN step within 1.2x
-        its bankless time at the cpu preset (ecgan.bench: 500 measured 1.24x); 5,000 is one flag away."""
+        its bankless time at the cpu preset (bench.py: 500 measured 1.24x); 5,000 is one flag away."""
         C, K = self.bank_emb.shape[:2]
         z = F.normalize(emb.detach().float(), dim=1).to(self.bank_emb.dtype)
         order = torch.argsort(labels, stable=True)
@@ -856,136 +851,17 @@ def sample(G, batch):
     return cols
 
 
-# ----------------------------------------------------------------------------- parameter table and benchmark
-
-def count_params(module, trainable=True):
-    return sum(p.numel() for p in module.parameters() if p.requires_grad == trainable)
-
+# ----------------------------------------------------------------------------- parameter table
 
 def parameter_table():
-    from data import DataInfo
-    configs = {  # name: (num_classes, dontcare, instances, num_upsampling_layers, height, width), GauGAN settings
-        "cityscapes": (35, False, True, "more", 256, 512),
-        "ade20k": (150, True, False, "normal", 256, 256),
-        "coco": (182, True, True, "normal", 256, 256),
-    }
-    for name, (n, dc, inst, ups, h, w) in configs.items():
-        info = DataInfo(name=name, num_classes=n, dontcare=dc, has_instance=inst, height=h, width=w)
-        cfg = ECGANConfig(num_upsampling_layers=ups)
+    for name in gaugan.PAPER_DATASETS:
+        info, ups = gaugan.paper_dataset(name)
         with torch.device("meta"):  # shapes only
-            G, D = build(cfg, info)
-        print(f"| {name} | generator | {count_params(G) / 1e6:.2f} |")
-        print(f"| {name} | label generator (frozen) | {count_params(G, trainable=False) / 1e6:.2f} |")
-        print(f"| {name} | discriminator | {count_params(D) / 1e6:.2f} |")
-
-
-def _timed(fn, reps=3):
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]  # median
-
-
-def bench_contrastive(device="cpu", anchors=1024, naive_anchors=None, dim=256, classes=20):
-    """Eq. 5 forward + backward at `anchors` anchors. The naive loop costs ~anchors^2 Python steps: with
-    naive_anchors it runs on that many (same class mix) and its time is scaled by (anchors / naive_anchors)^2.
-    Rows: (impl, seconds, extrapolated_from or None)."""
-    torch.manual_seed(0)
-    labels = torch.arange(classes, device=device).repeat_interleave(-(-anchors // classes))[:anchors]
-    emb = torch.randn(anchors, dim, device=device, requires_grad=True)
-    run = lambda impl, n: pixel_contrastive_loss(emb[:n], labels[:n] if n == anchors else
-                                                 labels[torch.linspace(0, anchors - 1, n).long()], 0.1,
-                                                 impl).backward()
-    t_vec = _timed(lambda: run("vectorized", anchors))
-    m = naive_anchors or anchors
-    t_naive = _timed(lambda: run("naive", m), reps=1) * (anchors / m) ** 2
-    return [("vectorized", t_vec, None), ("naive", t_naive, m if m != anchors else None)]
-
-
-def bench_similarity(device="cpu", sizes=(((2, 32, 64), ("naive", "checkpoint", "chunked")),
-                                          ((2, 64, 128), ("checkpoint", "chunked"))), N=35, chunk=1024):
-    """Eq. 3 forward + backward: naive, the checkpointed chunks (the previous implementation) and the chunked
-    path with its analytic gradient. Rows: ((B, H, W), impl, seconds, peak bytes)."""
-    import sau  # its profiler-based peak_memory measures CPU and CUDA alike
-    torch.manual_seed(0)
-    rows = []
-    for (B, H, W), impls in sizes:
-        probs = torch.randn(B, N, H, W, device=device).softmax(1).requires_grad_()
-        target = F.one_hot(torch.randint(0, N, (B, H, W), device=device), N).permute(0, 3, 1, 2).float()
-        for impl in impls:
-            fn = lambda: similarity_loss(probs, target, impl, chunk=chunk).backward()
-            reps = 5 if H * W <= 4096 else 1  # medians of 5 where cheap: the ratios move with a shared machine's load
-            rows.append(((B, H, W), impl, _timed(fn, reps=reps), sau.peak_memory(fn, device)))
-    return rows
-
-
-def bench(device="cpu"):
-    """Fast vs naive losses and ECGAN vs GauGAN step time; every ratio comes from this one run."""
-    import sau  # its profiler-based peak_memory measures CPU and CUDA alike
-    from data import DataInfo
-    torch.manual_seed(0)
-    # Eq. 5 at 1,024 anchors (the max_anchors default), 256-d, 20 classes; forward + backward
-    (_, t_vec, _), (_, t_naive, m) = bench_contrastive(device, naive_anchors=256)
-    print(f"| contrastive Eq. 5, 1024 anchors | vectorized {t_vec * 1e3:.1f} ms | naive {t_naive:.2f} s "
-          f"(x (1024/{m})^2 from {m} anchors) | {t_naive / t_vec:.0f}x |")
-    # Eq. 3, naive vs chunked (forward + backward), N = 35 (Cityscapes), chunk 1024
-    rows = bench_similarity(device)
-    for (B, H, W), impl, t, mem in rows:
-        fast = next(t2 for size, i2, t2, _ in rows if size == (B, H, W) and i2 == "chunked")
-        print(f"| similarity Eq. 3, B={B} {H}x{W} (M={H * W}) | {impl} | {t * 1e3:.0f} ms | "
-              f"peak {mem / 2**20:.1f} MiB | {t / fast:.1f}x chunked |")
-    # full 256x512 (M = 131,072): two of the 128 row blocks through the chunked path's code (loss and gradient
-    # in one pass), time extrapolated; the peak is the full run's (blocks run one after another, only the loss
-    # and the (N, M) gradient are kept)
-    M, chunk = 256 * 512, 1024
-    p = torch.randn(35, M, device=device).softmax(0)
-    lab = torch.randint(0, 35, (M,), device=device)
-    fn = lambda: _sim_blocks(p, lab, 1e-6, (0, chunk), chunk, need_grad=True)
-    t = _timed(fn, reps=1) * (M // chunk) / 2
-    mem = sau.peak_memory(fn, device)
-    print(f"| similarity Eq. 3, B=1 256x512 (M={M}) | chunked | {t:.0f} s (extrapolated from 2/128 chunks) | "
-          f"peak {mem / 2**20:.1f} MiB (naive: {M * M * 4 / 2**30:.0f} GiB per M x M float32 map) |")
-    # one training step (g_step + backward + d_step + backward), CPU preset widths, 64x128, batch 2
-    info = DataInfo(name="synthetic", num_classes=12, dontcare=False, has_instance=True, height=64, width=128)
-    label = torch.randint(0, 12, (2, 8, 16), device=device).repeat_interleave(8, 1).repeat_interleave(8, 2)
-    import data
-    batch = data.prepare_batch({"image": torch.rand(2, 3, 64, 128, device=device) * 2 - 1, "label": label,
-                                "instance": label}, info, device, edges=True)
-    # ECGAN with its memory bank (full, the steady state) and without (bank_per_class=0); the three steps are
-    # timed in turn, 5 rounds, medians, so that a shared machine's load falls on all of them alike
-    runs = {}
-    for name, module, cfg in (("gaugan", gaugan, gaugan.GauGANConfig(ngf=16, ndf=16)),
-                              ("ecgan, no bank", sys.modules[__name__],
-                               ECGANConfig(ngf=16, ndf=16, proj_dim=32, bank_per_class=0)),
-                              ("ecgan", sys.modules[__name__], ECGANConfig(ngf=16, ndf=16, proj_dim=32))):
-        G, D = module.build(cfg, info)
-        G, D = G.to(device), D.to(device)
-        if getattr(cfg, "bank_per_class", 0) > 0:
-            G.bank_emb.copy_(F.normalize(torch.randn_like(G.bank_emb), dim=2))
-            G.bank_count.fill_(cfg.bank_per_class)
-
-        def step(module=module, G=G, D=D, cfg=cfg):
-            module.g_step(G, D, batch, cfg)[0].backward()
-            module.d_step(G, D, batch, cfg)[0].backward()
-        step()  # warm-up
-        runs[name] = (step, [])
-    for _ in range(5):
-        for step, times in runs.values():
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-    steps = {name: sorted(times)[len(times) // 2] for name, (_, times) in runs.items()}
-    for name, t in steps.items():
-        print(f"| step time, ngf 16, 64x128, batch 2 | {name} | {t * 1e3:.0f} ms |")
-    print(f"| step time ratio ecgan / gaugan | {steps['ecgan'] / steps['gaugan']:.2f} |")
-    print(f"| step time ratio ecgan (bank {ECGANConfig.bank_per_class}/class) / ecgan without bank | "
-          f"{steps['ecgan'] / steps['ecgan, no bank']:.2f} |")
+            G, D = build(ECGANConfig(num_upsampling_layers=ups), info)
+        print(f"| {name} | generator | {gaugan.count_params(G, trainable=True) / 1e6:.2f} |")
+        print(f"| {name} | label generator (frozen) | {gaugan.count_params(G, trainable=False) / 1e6:.2f} |")
+        print(f"| {name} | discriminator | {gaugan.count_params(D) / 1e6:.2f} |")
 
 
 if __name__ == "__main__":
     parameter_table()
-    if "--bench" in sys.argv:
-        bench()

@@ -16,12 +16,14 @@ B1 baseline of their ablations. Map of this file:
     shared D-side helpers  d_input, discriminate, gan_g_losses, gan_d_loss (reused by lggan.py, ecgan.py)
     init_weights           the public code's init (xavier, gain 0.02)
     model interface        Config, build, g_step, d_step, sample (called by train.py / eval.py)
+    parameter table        count_params, dataset_info (data.DataInfo's fields without data.py), PAPER_DATASETS
 
 `python gaugan.py` prints the parameter table (millions).
 """
 
 import os
 from dataclasses import dataclass, fields
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -519,15 +521,32 @@ def sample(G, batch):
 
 # ----------------------------------------------------------------------------- parameter table
 
-def count_params(module):
-    return sum(p.numel() for p in module.parameters())
+def count_params(module, trainable=None):
+    """Parameters of module: all (trainable=None), those that require grad (True) or the frozen ones (False)."""
+    return sum(p.numel() for p in module.parameters() if trainable is None or p.requires_grad == trainable)
 
 
-CONFIGS = {  # name: (input_nc, num_upsampling_layers, height, width), public GauGAN settings
-    "cityscapes": (35 + 1, "more", 256, 512),        # 35 label ids + instance boundaries
-    "ade20k": (150 + 1, "normal", 256, 256),         # 150 classes + dontcare, no instances
-    "coco": (182 + 1 + 1, "normal", 256, 256),       # 182 classes + dontcare + instance boundaries
+def dataset_info(name, num_classes, dontcare, has_instance, height, width, task="semantic"):
+    """The fields of data.DataInfo that the model files read, without data.py (the parameter tables build models
+    from it): label_nc = classes + a dontcare channel, input_nc = label_nc + an instance-boundary channel."""
+    label_nc = num_classes + int(dontcare)
+    return SimpleNamespace(name=name, num_classes=num_classes, dontcare=dontcare, has_instance=has_instance,
+                           height=height, width=width, task=task, label_nc=label_nc,
+                           input_nc=label_nc + int(has_instance))
+
+
+PAPER_DATASETS = {  # name: (num_classes, dontcare, instances, num_upsampling_layers, height, width), public GauGAN
+    "cityscapes": (35, False, True, "more", 256, 512),   # 35 label ids + instance boundaries: 36 input channels
+    "ade20k": (150, True, False, "normal", 256, 256),    # 150 classes + dontcare: 151
+    "coco": (182, True, True, "normal", 256, 256),       # 182 classes + dontcare + instance boundaries: 184
 }
+
+
+def paper_dataset(name):
+    """(DataInfo-like, num_upsampling_layers) of one of PAPER_DATASETS."""
+    n, dontcare, instances, ups, h, w = PAPER_DATASETS[name]
+    return dataset_info(name, n, dontcare, instances, h, w), ups
+
 
 def count_generator(cfg, input_nc, height, width):
     """Parameters of the real architecture built on the meta device (shapes only, no memory, no init)."""
@@ -539,17 +558,16 @@ def count_generator(cfg, input_nc, height, width):
 
 
 if __name__ == "__main__":
-    for name, (input_nc, ups, h, w) in CONFIGS.items():
+    for name in PAPER_DATASETS:
+        info, ups = paper_dataset(name)
         cfg = GauGANConfig(num_upsampling_layers=ups)
         with torch.device("meta"):
-            D = MultiscaleDiscriminator(input_nc + 3, cfg.ndf, cfg.n_layers_D, cfg.num_D)
-        print(f"| {name} | generator | {count_generator(cfg, input_nc, h, w) / 1e6:.2f} |")
+            D = MultiscaleDiscriminator(info.input_nc + 3, cfg.ndf, cfg.n_layers_D, cfg.num_D)
+        print(f"| {name} | generator | {count_generator(cfg, info.input_nc, info.height, info.width) / 1e6:.2f} |")
         print(f"| {name} | discriminator | {count_params(D) / 1e6:.2f} |")
-    if sau is not None:  # LGGAN++ Table 12: GauGAN on Cityscapes with each upsampler
-        input_nc, ups, h, w = CONFIGS["cityscapes"]
-        table12 = dict(nearest=93.0, bilinear=93.0, bicubic=93.0, deconv=98.6, pixelshuffle=143.2, attention=97.4,
-                       involution=93.1, sau=93.4)  # the paper's counts, printed beside ours
+    if sau is not None:  # LGGAN++ Table 12: GauGAN on Cityscapes with each upsampler, the paper's count beside ours
+        info, ups = paper_dataset("cityscapes")
         for name in sau.UPSAMPLERS:
             cfg = GauGANConfig(num_upsampling_layers=ups, upsample=name)
-            print(f"| cityscapes upsample={name} | generator | {count_generator(cfg, input_nc, h, w) / 1e6:.2f} | "
-                  f"Table 12: {table12[name]:.1f} |")
+            n = count_generator(cfg, info.input_nc, info.height, info.width) / 1e6
+            print(f"| cityscapes upsample={name} | generator | {n:.2f} | Table 12: {sau.TABLE12_PARAMS[name]:.1f} |")

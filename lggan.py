@@ -21,22 +21,17 @@ Map of this file
                                     `pixel` (one conv's cost whatever the number of classes; the default)
     class_ce                        classification loss with void classes filtered (Eq. 6)
     LocalGenerator, WeightMap       G_l (Eqs. 2-6) and G_w (Eq. 7)
-    LGGANConfig, TASK_DEFAULTS      every hyperparameter, with the Table 9 ablation switches
+    LGGANConfig, TASK_DEFAULTS      every hyperparameter, with the Table 9 ablation switches; TABLE9 its rows
     LGGANGenerator                  semantic synthesis: E + G_g + G_l + G_w, fusion Eq. 8
     CrossViewGenerator              cross-view translation generator (Table 4: 12.19M)
     PatchGAN, CrossViewDiscriminator  70x70 PatchGAN; D_s + D_i (Table 4: 2.77M each)
     losses                          masked L1 (Eq. 3), total variation, vanilla GAN (Eqs. 9, 10)
     model interface                 Config, build, g_step, d_step, sample (train.py / eval.py)
-    __main__                        parameter table; `--bench` per-class generation and step-time benchmark
+    __main__                        parameter table (time and memory: bench.py)
 
-Ablations of Table 9 (semantic synthesis, Cityscapes); one config field per component. `local=False`
-removes everything that depends on the local branch (nothing of it is built):
-    | row | setup                       | local | conv_fusion | cls_loss | weight_map |
-    | B1  | global only                 | False |      -      |    -     |     -      |
-    | B2  | B1 + local (addition, Eq 4) | True  |    False    |  False   |   False    |
-    | B3  | B1 + local (conv, Eq 5)     | True  |    True     |  False   |   False    |
-    | B4  | B3 + classification loss    | True  |    True     |  True    |   False    |
-    | B5  | B4 + weight map (full)      | True  |    True     |  True    |   True     |
+Ablations of Table 9 (semantic synthesis, Cityscapes): one config field per component (local, conv_fusion,
+cls_loss, weight_map), the rows B1-B5 as config overrides in TABLE9. `local=False` removes everything that
+depends on the local branch (nothing of it is built).
 Without the weight map (B2-B4) the final image is the mean of the global and local results (Eq. 8 with
 W_g = W_l = 1/2): the paper does not say how B2-B4 combine them (`unweighted_fusion="local"`: the local
 result alone, the global one still trained by its own D and losses).
@@ -393,6 +388,14 @@ TASK_DEFAULTS = {
 }
 Config = LGGANConfig
 
+TABLE9 = {  # Table 9 rows (Cityscapes ablation) as config overrides; train.py flags, e.g. --local false
+    "B1 global only": dict(local=False),                                                  # G_g alone
+    "B2 + local, addition (Eq. 4)": dict(conv_fusion=False, cls_loss=False, weight_map=False),
+    "B3 + local, conv (Eq. 5)": dict(cls_loss=False, weight_map=False),
+    "B4 + classification loss (Eq. 6)": dict(weight_map=False),
+    "B5 + weight map (full LGGAN)": dict(),                                               # Eqs. 7, 8: the full model
+}
+
 
 # ----------------------------------------------------------------------------- generators
 
@@ -610,96 +613,23 @@ def sample(G, batch):
     return cols
 
 
-# ----------------------------------------------------------------------------- parameter table, benchmark
+# ----------------------------------------------------------------------------- parameter table
 
 def table_infos():
-    """(row name, config, DataInfo) of the parameter table: the public code's settings."""
-    import data
-    city = data.DataInfo("cityscapes", 35, False, True, 256, 512)          # 35 label ids + instance edges
-    ade = data.DataInfo("ade20k", 150, True, False, 256, 256)             # 150 classes + dontcare
-    cv = data.DataInfo("crossview", 6, False, False, 256, 256, "crossview")  # 6 grouped classes (Dayton)
+    """(row name, config, DataInfo-like) of the parameter table: the public code's settings."""
+    city, _ = gaugan.paper_dataset("cityscapes")
+    ade, _ = gaugan.paper_dataset("ade20k")
+    cv = gaugan.dataset_info("crossview", 6, False, False, 256, 256, "crossview")  # 6 grouped classes (Dayton)
     return [("cityscapes", Config(num_upsampling_layers="more"), city),
             ("cityscapes sau", Config(num_upsampling_layers="more", upsample="sau"), city),
             ("ade20k", Config(), ade),
             ("crossview", Config.for_task("crossview"), cv)]
 
 
-def count_params(module):
-    return sum(p.numel() for p in module.parameters())
-
-
-def label_map(B, H, W, num_classes, present, block=8, seed=0):
-    """A blocky label map using `present` of the num_classes classes (each appears at least once)."""
-    g = torch.Generator().manual_seed(seed)
-    classes = torch.randperm(num_classes, generator=g)[:present]
-    cells = torch.randint(0, present, (B, H // block, W // block), generator=g)
-    cells.view(-1)[:present] = torch.arange(present)
-    return classes[cells].repeat_interleave(block, 1).repeat_interleave(block, 2)   # (B, H, W)
-
-
-def bench_classes(B=2, C=64, H=64, W=128, reps=3, settings=((35, 20), (150, 10)), device="cpu"):
-    """Per-class generation, every impl: forward + backward seconds and peak bytes (sau.py's profiler-based
-    counter on CPU, the allocator's peak on CUDA) for each (classes, present) setting.
-    Rows: (setting, {impl: (seconds, bytes)})."""
-    import sau
-    rows = []
-    for N, K in settings:
-        gen = ClassGenerator(N, C).to(device)
-        feat = torch.randn(B, C, H, W, device=device, requires_grad=True)
-        masks = F.one_hot(label_map(B, H, W, N, K), N).permute(0, 3, 1, 2).float().to(device)
-        res = {}
-        for impl in IMPLS:
-            gen.impl = impl
-            fn = lambda: gen(feat, masks)[0].sum().backward()
-            res[impl] = (sau.time_it(fn, device, reps), sau.peak_memory(fn, device))
-        rows.append((f"{N} classes, {K} present", res))
-    return rows
-
-
-def bench_steps(B=2, H=64, W=128, reps=3):
-    """g_step + d_step (forward and backward) seconds for GauGAN, LGGAN, LGGAN++ at the cpu preset widths."""
-    import sau
-    import data
-    info = data.DataInfo("synthetic", 10, False, True, H, W)
-    label = label_map(B, H, W, 10, 10)
-    batch = data.prepare_batch({"image": torch.rand(B, 3, H, W) * 2 - 1, "label": label,
-                                "instance": torch.zeros_like(label)}, info, "cpu")
-    small = dict(ngf=16, ndf=16)
-    models = [("gaugan", gaugan, gaugan.GauGANConfig(**small)), ("lggan", None, Config(n_res=3, **small)),
-              ("lggan++ (sau)", None, Config(n_res=3, upsample="sau", **small))]
-    rows = []
-    for name, module, cfg in models:
-        module = module or __import__(__name__)
-        torch.manual_seed(0)
-        G, D = module.build(cfg, info)
-
-        def step():
-            module.g_step(G, D, batch, cfg)[0].backward()
-            module.d_step(G, D, batch, cfg)[0].backward()
-        rows.append((name, sau.time_it(step, "cpu", reps), count_params(G)))
-    return rows
-
-
 if __name__ == "__main__":
-    import argparse
-    ap = argparse.ArgumentParser(description="LGGAN parameter table (millions); --bench adds the benchmarks")
-    ap.add_argument("--bench", action="store_true")
-    args = ap.parse_args()
     for name, cfg, info in table_infos():
         with torch.device("meta"):  # shapes only: counting 111M parameters without allocating them
             G, D = build(cfg, info)
         D = D.D_s if info.task == "crossview" else D   # cross-view: one of its two discriminators (Table 4)
-        print(f"| {name} | generator | {count_params(G) / 1e6:.2f} |")
-        print(f"| {name} | discriminator | {count_params(D) / 1e6:.2f} |")
-    if args.bench:
-        torch.manual_seed(0)
-        print("\nper-class generation, forward + backward, B=2, C=64, 64x128, CPU threads:", torch.get_num_threads())
-        print("| setting | impl | seconds | peak MB | naive time / time | naive memory / memory |")
-        for name, res in bench_classes():
-            (tn, mn) = res["naive"]
-            for impl, (t, m) in res.items():
-                print(f"| {name} | {impl} | {t:.3f} | {m / 2**20:.0f} | {tn / t:.1f} | {mn / m:.1f} |")
-        print("\ng_step + d_step, B=2, 64x128, 10 classes, ngf=ndf=16, n_res=3, CPU")
-        print("| model | s/step | G params (M) |")
-        for name, t, n in bench_steps():
-            print(f"| {name} | {t:.3f} | {n / 1e6:.2f} |")
+        print(f"| {name} | generator | {gaugan.count_params(G) / 1e6:.2f} |")
+        print(f"| {name} | discriminator | {gaugan.count_params(D) / 1e6:.2f} |")

@@ -15,7 +15,8 @@ Map of the file
     PositionAttention, DANetHead    "spatial attention" baseline of Table 12 (DANet's PAM head)
     Involution                      involution baseline of Table 12
     make_upsampler(name, C, s)      the Table 12 zoo behind one (B, C, H, W) -> (B, C, sH, sW) interface
-    benchmark / __main__            `python sau.py`: time, peak memory and parameters of everything
+    TABLE12_PARAMS, table12_check   Table 12's parameter counts, the paper's beside ours
+    impl_check / __main__           `python sau.py`: the table and naive vs vectorized vs lean (bench.py times them)
 
 Two windows (the paper gives both; `window`, the models' `sau_window` config field, picks one).
     "expanded" (default): the SAFU text (Sec. 3.2.2) nearest-expands f to (sH, sW) and takes the k x k block
@@ -37,9 +38,7 @@ Where SAU goes (the paper says it replaces "the upsampling layers"; what is buil
         (Sec. 3.1 / Fig. 2, f' = SAU(f)) one SAU on the encoder's output, shared by the three branches.
 """
 
-import argparse
 import math
-import time
 
 import torch
 import torch.nn as nn
@@ -196,7 +195,7 @@ def _shift_accumulate(x, w, lo, taps):
 class _ShiftAccumulate(torch.autograd.Function):
     """_shift_accumulate with a hand-written backward. Plain autograd through the loop above keeps
     only views, but each tap's slice backward materialises a zero-filled padded-input-sized gradient,
-    so its backward pays k^2 s^2 extra full passes over C x H x W (measured by `python sau.py`,
+    so its backward pays k^2 s^2 extra full passes over C x H x W (measured by `python bench.py`,
     row "lean plain autograd"). Here the taps write into one gradient buffer instead.
     Once differentiable: no double backward (no gradient penalty goes through the generator)."""
 
@@ -362,6 +361,9 @@ class Involution(nn.Module):
 # the zoo
 
 UPSAMPLERS = ("nearest", "bilinear", "bicubic", "deconv", "pixelshuffle", "attention", "involution", "sau")
+# LGGAN++ Table 12: parameters (M) of GauGAN's Cityscapes generator with each upsampler, the paper's numbers
+TABLE12_PARAMS = dict(nearest=93.0, bilinear=93.0, bicubic=93.0, deconv=98.6, pixelshuffle=143.2, attention=97.4,
+                      involution=93.1, sau=93.4)
 
 
 def make_upsampler(name, channels, scale=2, window="expanded"):
@@ -389,131 +391,46 @@ def make_upsampler(name, channels, scale=2, window="expanded"):
 
 
 # ----------------------------------------------------------------------------------------------
-# benchmark
-
-
-def peak_memory(fn, device):
-    """Peak bytes of tensors allocated while fn() runs, over what was live before it.
-    CUDA: the allocator's max_memory_allocated. CPU: the running sum of the profiler's allocation
-    and free events (torch.profiler, profile_memory=True), in time order."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    allocs = []  # private API: the event tree is the only place with every allocation in order
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        e = stack.pop()
-        if e.tag == torch._C._profiler._EventType.Allocation:
-            allocs.append((e.start_time_ns, e.extra_fields.alloc_size))
-        stack.extend(e.children)
-    cur = peak = 0
-    for _, size in sorted(allocs):
-        cur += size
-        peak = max(peak, cur)
-    return peak
-
-
-def time_it(fn, device, reps):
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]  # median
-
-
-def benchmark(B=4, C=256, H=64, W=128, k=5, scale=2, device="cpu", reps=3, skip=()):
-    """Rows: (name, seconds per forward+backward, peak bytes, parameters)."""
-    torch.manual_seed(0)
-    x = torch.randn(B, C, H, W, device=device, requires_grad=True)
-    g = torch.randn(B, C, scale * H, scale * W, device=device)
-    kern = torch.softmax(torch.randn(B, k * k, scale * H, scale * W, device=device), 1).requires_grad_()
-    rows = []
-
-    def run(name, f, params=0):
-        def step():
-            x.grad = kern.grad = None
-            f().backward(g)
-        rows.append((name, time_it(step, device, reps), peak_memory(step, device), params))
-        x.grad = kern.grad = None
-        print(f"  measured {name}", flush=True)
-
-    for window in WINDOWS:
-        for impl in ("vectorized", "lean"):
-            run(f"sau_upsample {impl}, {window}", lambda: sau_upsample(x, kern, scale, window, impl))
-        run(f"sau_upsample lean plain autograd, {window}", lambda: _sau_lean(x, kern, scale, k, window, False))
-    for name in UPSAMPLERS:
-        if name in skip:
-            continue
-        m = make_upsampler(name, C, scale).to(device)
-        run(f"zoo {name}", lambda: m(x), sum(p.numel() for p in m.parameters()))
-    return rows
+# `python sau.py`: Table 12's parameter counts and the three implementations against each other
+# (time and memory: bench.py)
 
 
 def table12_check():
     """GauGAN (Cityscapes) generator parameters with each upsampler, against Table 12."""
     gaugan = 93_048_003  # GauGAN 'more', 36 label channels, counted from its layer list (REFERENCE.md)
-    paper = dict(nearest=93.0, bilinear=93.0, bicubic=93.0, deconv=98.6, pixelshuffle=143.2,
-                 attention=97.4, involution=93.1, sau=93.4)
     lines = ["| upsampler | Table 12 | 4 layers (1024, 512, 256, 128) | 6 layers (1024 x3, 512, 256, 128) |",
              "|---|---|---|---|"]
     with torch.device("meta"):
         for name in UPSAMPLERS:
             n = {c: sum(p.numel() for p in make_upsampler(name, c).parameters()) for c in (1024, 512, 256, 128)}
             four, six = sum(n.values()), sum(n.values()) + 2 * n[1024]
-            lines.append(f"| {name} | {paper[name]:.1f}M | {(gaugan + four) / 1e6:.2f}M | {(gaugan + six) / 1e6:.2f}M |")
+            lines.append(f"| {name} | {TABLE12_PARAMS[name]:.1f}M | {(gaugan + four) / 1e6:.2f}M | "
+                         f"{(gaugan + six) / 1e6:.2f}M |")
     return "\n".join(lines)
 
 
-def main():
-    ap = argparse.ArgumentParser(description="Benchmark SAU implementations and the Table 12 upsamplers.")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--quick", action="store_true", help="B=2, C=64, 32x64 (seconds, for a smoke test)")
-    ap.add_argument("--size", type=int, nargs=4, metavar=("B", "C", "H", "W"), default=None)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--skip", nargs="*", default=(), help="zoo members to leave out")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="CPU threads; on a shared machine use 1: the lean path's many small ops stall "
-                         "on oversubscribed threads (2 threads beside 2 busy processes: lean 5-10x slower)")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    B, C, H, W = args.size or ((2, 64, 32, 64) if args.quick else (4, 256, 64, 128))
-    print(f"SAU benchmark: B={B}, C={C}, {H}x{W} -> {2 * H}x{2 * W}, k=5, s=2, fp32, device={args.device}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    rows = benchmark(B, C, H, W, device=args.device, reps=args.reps, skip=args.skip)
-    base = {name: (t, m) for name, t, m, _ in rows}["zoo nearest"] if "nearest" not in args.skip else None
-    print("\n| module | fwd+bwd ms | x nearest | peak MiB | x nearest | params |")
-    print("|---|---|---|---|---|---|")
-    for name, t, m, p in rows:
-        rt = f"{t / base[0]:.1f}" if base else "-"
-        rm = f"{m / base[1]:.1f}" if base and base[1] else "-"
-        print(f"| {name} | {t * 1e3:.1f} | {rt} | {m / 2**20:.1f} | {rm} | {p:,} |")
-    by = {name: (t, m) for name, t, m, _ in rows}
+def impl_check(B=2, C=3, H=5, W=6, k=5, scale=2):
+    """Largest |difference| of output and of both gradients between naive and each fast impl, per window (float64)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
+    kern = torch.softmax(torch.randn(B, k * k, scale * H, scale * W, generator=g, dtype=torch.float64), 1)
+    up = torch.randn(B, C, scale * H, scale * W, generator=g, dtype=torch.float64)
+    rows = []
     for window in WINDOWS:
-        v, l = by[f"sau_upsample vectorized, {window}"], by[f"sau_upsample lean, {window}"]
-        print(f"lean vs vectorized ({window}): {v[0] / l[0]:.1f}x faster, {l[1] / v[1]:.3f} of the peak memory")
-    print("\nTime: median of", args.reps, "forward+backward passes after one warm-up (upstream gradient random).")
-    print("Peak memory: bytes of tensors allocated during one forward+backward beyond those live before it "
-          "(inputs, parameters); CPU from torch.profiler allocation events, CUDA from max_memory_allocated.\n"
-          "(The profiler's 'Memory block of unknown size' warning is about blocks allocated before the pass; "
-          "their frees are left out, so they cannot lower the peak.)")
-    print("\nTable 12 check: GauGAN (93.05M) + the upsampler's parameters at GauGAN's widths")
-    print(table12_check())
+        res = {}
+        for impl in IMPLS:
+            xi, ki = x.clone().requires_grad_(), kern.clone().requires_grad_()
+            y = sau_upsample(xi, ki, scale, window, impl)
+            y.backward(up)
+            res[impl] = (y.detach(), xi.grad, ki.grad)
+        for impl in ("vectorized", "lean"):
+            rows.append((window, impl, max((a - b).abs().max().item() for a, b in zip(res[impl], res["naive"]))))
+    return rows
 
 
 if __name__ == "__main__":
-    main()
+    print("Table 12 check: GauGAN (93.05M) + the upsampler's parameters at GauGAN's widths")
+    print(table12_check())
+    print("\nnaive vs fast, float64, B=2 C=3 5x6 -> 10x12, k=5: max |difference| of output, dx and dkernels")
+    for window, impl, err in impl_check():
+        print(f"| {window} | {impl} | {err:.1e} |")

@@ -2,7 +2,7 @@
 Miniature ablation tables: every row trained with the same step budget through train.main, measured with
 eval.evaluate, mean and spread over seeds, printed and written as markdown.
 
-    python tables.py lggan9   --budget_steps 2000 --seeds 0 1    # LGGAN Table 9, rows B1-B5
+    python tables.py lggan9   --budget_steps 2000 --seeds 0 1    # LGGAN Table 9, rows B1-B5 (lggan.TABLE9)
     python tables.py gaugan12 --budget_steps 2000 --seeds 0 1    # LGGAN++ Table 12 subset + LGGAN++
     python tables.py ecgan3   --budget_steps 2000 --seeds 0 1    # ECGAN Table 3 (ecgan.TABLE3)
     python tables.py lggan9 --budget_steps 20 --seeds 0 1 --height 32 --width 64   # a smoke run
@@ -24,16 +24,12 @@ from pathlib import Path
 
 import torch
 
+import ecgan
 import eval as evaluation
+import lggan
 
-TABLES = {  # table -> (model, [(row name, {config field: value})])
-    "lggan9": ("lggan", [  # lggan.py docstring / README 'Ablations as commands'
-        ("B1 global only", dict(local=False)),
-        ("B2 + local, addition (Eq. 4)", dict(conv_fusion=False, cls_loss=False, weight_map=False)),
-        ("B3 + local, conv (Eq. 5)", dict(cls_loss=False, weight_map=False)),
-        ("B4 + classification loss (Eq. 6)", dict(weight_map=False)),
-        ("B5 + weight map (full LGGAN)", dict()),
-    ]),
+TABLES = {  # table -> (model, [(row name, {config field: value})]); None: the rows of the model file's table
+    "lggan9": ("lggan", None),  # rows from lggan.TABLE9
     "gaugan12": (None, [  # model per row: GauGAN with Table 12's upsamplers, then LGGAN++
         ("GauGAN nearest (baseline)", dict(model="gaugan", upsample="nearest")),
         ("GauGAN bilinear", dict(model="gaugan", upsample="bilinear")),
@@ -57,9 +53,8 @@ PAPER = {
 
 def table_rows(name):
     model, rows = TABLES[name]
-    if name == "ecgan3":
-        import ecgan
-        rows = list(ecgan.TABLE3.items())
+    if rows is None:
+        rows = list({"lggan9": lggan.TABLE9, "ecgan3": ecgan.TABLE3}[name].items())
     return [(row, dict(model=model, **over) if model else dict(over)) for row, over in rows]
 
 
