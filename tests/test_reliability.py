@@ -327,30 +327,68 @@ def test_truncated_latest_names_the_file_and_resume_falls_back_to_prev(tmp_path,
 # 2. elastic restart: torchrun --max-restarts=1, rank 1 dies mid-run on the first attempt
 
 
-def torchrun(tmp_path, out, **faults):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-           "--monitor-interval=0.1", wrapper(tmp_path), *TINY, "--out", str(out), "--steps", str(N),
-           "--ckpt_every", "1", "--resume"]
-    res = subprocess.run(cmd, cwd=ROOT, env=child_env(**faults), capture_output=True, text=True, timeout=120)
+def torchrun_cmd(tmp_path, out, *extra):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+            "--monitor-interval=0.1", wrapper(tmp_path), *TINY, "--out", str(out), "--steps", str(N),
+            "--ckpt_every", "1", "--resume", *extra]
+
+
+def torchrun(tmp_path, out, *extra, **faults):
+    res = subprocess.run(torchrun_cmd(tmp_path, out, *extra), cwd=ROOT, env=child_env(**faults), capture_output=True,
+                         text=True, timeout=120)
     text = res.stdout + res.stderr
     # (without train.py's per-attempt store prefix, about 1 restart in 4 failed here in gloo's connectFullMesh)
     assert res.returncode == 0, text[-4000:]
     return text
 
 
-@pytest.mark.slow
-def test_elastic_restart_resumes_by_itself_and_matches_an_undisturbed_run(tmp_path):
-    text = torchrun(tmp_path, tmp_path / "killed", FAULT_DIE_AT="4")  # dies in step 4, after 3 checkpoints
-    assert "resuming from" in text and "at step 3" in text, text[-4000:]
-    torchrun(tmp_path, tmp_path / "undisturbed")
-    a, b = ckpt_of(tmp_path / "killed"), ckpt_of(tmp_path / "undisturbed")
-    assert a["step"] == b["step"] == N
+@pytest.fixture(scope="module")
+def straight_ddp(tmp_path_factory):
+    """An undisturbed N-step 2-process run."""
+    tmp = tmp_path_factory.mktemp("straight_ddp")
+    torchrun(tmp, tmp / "run")
+    return ckpt_of(tmp / "run")
+
+
+def assert_same_ddp_runs(a, b):
     # Exact: both are 2-process runs summing gradients in the same order, and the resumed one restores every
     # rank's random state and data position, so not even the float noise of biases in front of a norm differs.
+    assert a["step"] == b["step"] == N
     assert_same_nets(a, b)
     for opt in ("opt_G", "opt_D"):
         for i, s in a[opt]["state"].items():
             assert torch.equal(s["exp_avg"], b[opt]["state"][i]["exp_avg"]), (opt, i)
+
+
+@pytest.mark.slow
+def test_elastic_restart_resumes_by_itself_and_matches_an_undisturbed_run(tmp_path, straight_ddp):
+    text = torchrun(tmp_path, tmp_path / "killed", FAULT_DIE_AT="4")  # dies in step 4, after 3 checkpoints
+    assert "resuming from" in text and "at step 3" in text, text[-4000:]
+    assert_same_ddp_runs(ckpt_of(tmp_path / "killed"), straight_ddp)
+
+
+@pytest.mark.slow
+def test_torchrun_stopped_by_sigterm_to_its_group_saves_on_every_rank_and_resumes_exactly(tmp_path, straight_ddp):
+    """scancel / timeout on a torchrun job: torchrun gets SIGTERM and passes it to each rank's own process group
+    (the rank and its DataLoader worker). The ranks agree on the step, rank 0 saves, both end with exit 0."""
+    out, mark = tmp_path / "run", tmp_path / "marks"
+    mark.mkdir()
+    proc = subprocess.Popen(torchrun_cmd(tmp_path, out, "--ckpt_every", "1000", "--workers", "1"), cwd=ROOT,
+                            env=child_env(FAULT_MARK=str(mark), FAULT_STEP_SLEEP="0.3"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        wait_for(lambda: (mark / "g3").exists(), proc, timeout=120, what="step 3")
+        killpg(proc, signal.SIGTERM)
+        text = proc.communicate(timeout=90)[0]
+    finally:
+        killpg(proc, signal.SIGKILL)
+    # torchrun itself reports the signal it got (exit 1, its SignalException); the ranks' own exits are recorded
+    assert [(mark / f"exit_rank{r}").read_text() for r in (0, 1)] == ["0", "0"], text[-4000:]
+    reached = len(open(out / "log.jsonl").readlines())
+    assert f"stopped by signal at step {reached}" in text and 3 <= reached < N, text[-4000:]
+    assert train.load_checkpoint(out / "ckpt_latest.pt")["step"] == reached and not tmp_files(out)
+    torchrun(tmp_path, out, "--workers", "1")
+    assert_same_ddp_runs(ckpt_of(out), straight_ddp)
 
 
 # ----------------------------------------------------------------------------------------------------------------

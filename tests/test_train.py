@@ -137,3 +137,28 @@ def test_ecgan_trains_its_own_label_generator_and_resumes(tmp_path):
     ckpt = train.load_checkpoint(tmp_path / "ckpt_latest.pt")
     assert ckpt["step"] == 2 and ckpt["model_cfg"]["segmenter"] == str(tmp_path / "segmenter.pt")
     assert (tmp_path / "segmenter.pt").read_bytes() == seg_bytes  # trained once, reused on resume
+
+
+def test_paper_preset_without_vgg_is_refused_naming_the_flag(tmp_path, capsys):
+    """Without --vgg the weight-10 VGG term of GauGAN's and ECGAN's Eq. 10 losses would be silently missing."""
+    out = tmp_path / "run"
+    err = expect_error(capsys, TINY + ["--preset", "paper", "--steps", "1", "--out", str(out)],
+                       "--preset paper needs --vgg", "--vgg off")
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+    tcfg, _ = train.parse_args(["--model", "gaugan", "--preset", "paper", "--vgg", "off"])  # off on purpose: allowed
+    assert tcfg.vgg == ""
+
+
+@pytest.mark.slow
+def test_config_json_records_the_loss_terms_and_the_log_says_when_vgg_is_off(tmp_path, capsys):
+    run(tmp_path / "off", "--steps", "1", "--batch_size", "2")
+    printed = capsys.readouterr().out
+    assert "VGG19 weights not given" in printed and "not in the loss" in printed
+    terms = json.load(open(tmp_path / "off" / "config.json"))["loss_terms"]
+    assert "G_gan" in terms and "G_feat" in terms and "G_vgg" not in terms
+    weights = tmp_path / "vgg19.pth"  # torchvision's layout (random values: only which terms are active matters)
+    torch.save(train.gaugan.VGG19Features().state_dict(), weights)
+    run(tmp_path / "on", "--steps", "1", "--batch_size", "2", "--vgg", str(weights))
+    assert "VGG19 weights not given" not in capsys.readouterr().out
+    terms = json.load(open(tmp_path / "on" / "config.json"))["loss_terms"]
+    assert "G_gan" in terms and "G_vgg" in terms
