@@ -46,10 +46,16 @@ Choices where the paper is silent (each is named again where it is made):
       width 16 (class_width: the first layer then costs what LGGAN's per-class 7x7 conv costs), spectral-normed
       per class; each class image is masked by M_c again, so absent classes give exactly zero.
     - Eq. 1's I' lies in [-2, 2]; eq1_range="half" or "tanh" keeps it in the images' [-1, 1] (default: as written).
-    - Hinge losses (GauGAN) for the log terms of Eqs. 8, 9; `gan_loss="log"` uses them as written.
+    - Hinge losses (GauGAN) for the log terms of Eqs. 8, 9; `gan_loss="log"` uses them as written. lambda_c
+      weighs the adversarial term on both sides (Eq. 10 puts it on the min-max objective).
+    - Eq. 10's L_sim(S, S'): the paper defines only S'' = G_l(I''); S' = G_l(I') here (sim_on_intermediate).
 
 `python ecgan.py` prints the parameter table; bench.py times the fast paths against the naive ones and an ECGAN
 step against a GauGAN step.
+
+Where this file reads an ambiguous sentence of the paper, follows the public code instead of the text, or
+departs on purpose, the README's "Departures from the papers" table says so and names the flag for the
+other reading.
 """
 
 import os

@@ -19,6 +19,10 @@ B1 baseline of their ablations. Map of this file:
     parameter table        count_params, dataset_info (data.DataInfo's fields without data.py), PAPER_DATASETS
 
 `python gaugan.py` prints the parameter table (millions).
+
+Where this file reads an ambiguous sentence of the paper, follows the public code instead of the text, or
+departs on purpose, the README's "Departures from the papers" table says so and names the flag for the
+other reading.
 """
 
 import os

@@ -73,6 +73,10 @@ Choices where the paper and the public code are silent or buggy (each is named w
 Parameters (`python lggan.py`): Cityscapes G 110.79M. The public code's 111.1M also counts GauGAN's first
 conv (36 -> 1024, 3x3: 0.33M), which it builds but never calls; E replaces it here. ADE20K G 114.64M
 (public 115.1M: the same unused conv, 1.39M, and one shared branch for classes 51-150 instead of 99 more).
+
+Where this file reads an ambiguous sentence of the paper, follows the public code instead of the text, or
+departs on purpose, the README's "Departures from the papers" table says so and names the flag for the
+other reading.
 """
 
 import math

@@ -36,6 +36,10 @@ Where SAU goes (the paper says it replaces "the upsampling layers"; what is buil
     LGGAN++ (lggan.py, upsample="sau"): sau_placement="upsamplers" (default) as above in the global trunk
         and, in G_l / G_w, a 3x3 conv then an SAU in place of each transposed conv; sau_placement="encoder"
         (Sec. 3.1 / Fig. 2, f' = SAU(f)) one SAU on the encoder's output, shared by the three branches.
+
+Where this file reads an ambiguous sentence of the paper, follows the public code instead of the text, or
+departs on purpose, the README's "Departures from the papers" table says so and names the flag for the
+other reading.
 """
 
 import math
