@@ -23,7 +23,6 @@ import random
 import re
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, asdict, fields
 
@@ -86,7 +85,7 @@ class TrainConfig:
     device: str = "auto"          # auto | cpu | cuda
     amp: str = "auto"             # auto (bf16 on GPU, off on CPU) | bf16 | fp16 | none
     compile: bool = False         # torch.compile G and D
-    vgg: str = ""                 # VGG19 weights (torchvision layout): a path or URL; "" or off: no perceptual loss
+    vgg: str = ""                 # VGG19 weights (torchvision layout): a path or URL; empty = perceptual loss off
     segmenter_steps: int = 600    # ECGAN only: steps to train the built-in label generator when none is given
     cache_dir: str = ""           # ECGAN: trained G_l segmenters, keyed by data, size and steps ("": <out>/../cache)
     max_bad_steps: int = 10       # stop after this many non-finite losses in a row
@@ -167,13 +166,6 @@ def parse_args(argv=None):
     for name, value in PRESETS[tcfg.preset].items():
         if hasattr(mcfg, name) and name not in given:
             setattr(mcfg, name, value)
-    # GauGAN's and ECGAN's Eq. 10 losses carry a weight-10 VGG19 term: the paper preset does not drop it silently
-    if tcfg.preset == "paper" and not tcfg.vgg:
-        raise ConfigError(f"--preset paper needs --vgg: the papers' loss has a weight-10 VGG19 perceptual term; "
-                          f"give torchvision's VGG19 weights as a path or URL (e.g. --vgg {gaugan.VGG19_URL}), or "
-                          f"--vgg off to train without it")
-    if tcfg.vgg == "off":  # said on purpose: off, like no --vgg under the cpu preset
-        tcfg.vgg = ""
     if tcfg.task not in ("semantic", "crossview"):
         raise ConfigError(f"unknown task {tcfg.task!r}; choose semantic or crossview")
     if tcfg.dataset not in data.NAMES:
@@ -242,7 +234,7 @@ def validate_run(tcfg, mcfg, module, info):
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")
             module.build(dry, info)
-    except (ValueError, TypeError, KeyError, NotImplementedError) as e:
+    except (ValueError, TypeError, KeyError, NotImplementedError, RuntimeError, ZeroDivisionError) as e:
         raise ConfigError(f"{tcfg.model} cannot be built for {info.name} at {info.height}x{info.width} with these "
                           f"settings: {_first_line(e)}") from None
     if not tcfg.vgg:
@@ -274,21 +266,11 @@ def _write_synced(obj, path):
         os.fsync(fh.fileno())
 
 
-def _write_temp(obj, tmp):
-    """_write_synced, removing the half-written file if the write fails (full disk, an exception raised into it)."""
-    try:
-        _write_synced(obj, tmp)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def atomic_save(obj, path):
     """Write to a temporary file in the same folder, flush to disk, then rename: a reader (or a crash) only ever
     sees the old file or the complete new one."""
     tmp = f"{path}.tmp{os.getpid()}"
-    _write_temp(obj, tmp)
+    _write_synced(obj, tmp)
     os.replace(tmp, path)
 
 
@@ -297,7 +279,7 @@ def save_checkpoint(state, out):
     ckpt_prev.pt (and the finished temp file), which find_resume_checkpoint falls back to."""
     latest, prev = os.path.join(out, "ckpt_latest.pt"), os.path.join(out, "ckpt_prev.pt")
     tmp = f"{latest}.tmp{os.getpid()}"
-    _write_temp(state, tmp)
+    _write_synced(state, tmp)
     if os.path.exists(latest):
         os.replace(latest, prev)
     os.replace(tmp, latest)
@@ -421,50 +403,6 @@ def set_rng_state(state):
 
 def _tuplify(x):
     return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# stops: `timeout`, scancel, systemd and torchrun send SIGTERM, a terminal's Ctrl-C sends SIGINT, each to the whole
-# process group, so the DataLoader workers get it too. Only the main process acts: it finishes the step, saves and
-# exits 0. torch's own worker SIGTERM handler dies on any signal not sent by the parent, and the main process then
-# failed mid-step ("DataLoader worker (pid N) is killed by signal: Terminated") with nothing saved.
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-def _worker_ignores_stops(worker_id):
-    """worker_init_fn: a worker leaves the stops sent to the group to the main process. It keeps them blocked and one
-    thread takes them: a SIGTERM from the main process itself (the DataLoader, or exit, ending a worker that did not
-    finish by itself) still ends it, as torch's own handler does; any other stop is dropped."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # already blocked since birth (_start_workers)
-    parent = os.getppid()
-
-    def take_stops():
-        while True:
-            info = signal.sigwaitinfo(STOP_SIGNALS)
-            if info.si_signo == signal.SIGTERM and info.si_pid == parent:
-                os._exit(0)
-    threading.Thread(target=take_stops, name="stop-filter", daemon=True).start()
-
-
-def _start_workers(loader):
-    """iter(loader) with the stop signals blocked: workers are born blocking them (before torch installs its worker
-    handlers) and keep them blocked (_worker_ignores_stops); the main process gets any pending stop when the old
-    mask returns."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        return iter(loader)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-def _error_text(e):
-    """An error's message; one re-raised from a DataLoader worker ("Caught X in DataLoader worker ...\\n<traceback>")
-    carries the original as the traceback's last line."""
-    msg = str(e).strip()
-    if msg.startswith("Caught "):
-        msg = msg.splitlines()[-1].split(": ", 1)[-1]
-    return msg
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -615,8 +553,7 @@ def train(tcfg: TrainConfig, mcfg):
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     if vgg is None:
-        say("VGG19 weights not given (--vgg PATH_OR_URL): the VGG perceptual term (weight 10 in GauGAN, "
-            "ECGAN's Eq. 10 and LGGAN's public code) is not in the loss")
+        say("VGG19 weights not given (--vgg PATH_OR_URL): the perceptual loss is off")
     else:
         vgg.to(device)
 
@@ -638,13 +575,10 @@ def train(tcfg: TrainConfig, mcfg):
     # all-reduced; D's parameters are frozen during that step to skip computing them.
     D_for_g = D_raw if not tcfg.compile else D
 
-    def write_config(loss_terms=None):
-        """loss_terms: the generator's loss terms as its first step reports them (G_vgg only with --vgg)."""
-        if master:
-            with open(os.path.join(out, "config.json"), "w") as fh:
-                json.dump({"train": asdict(tcfg), "model": asdict(mcfg), "info": asdict(info), "world_size": world,
-                           "loss_terms": loss_terms}, fh, indent=2)
-    write_config()
+    if master:
+        with open(os.path.join(out, "config.json"), "w") as fh:
+            json.dump({"train": asdict(tcfg), "model": asdict(mcfg), "info": asdict(info), "world_size": world},
+                      fh, indent=2)
 
     # A fixed batch of validation labels for the sample grid (dcgan's fixed noise).
     n = min(tcfg.num_samples, len(val_set))
@@ -663,17 +597,9 @@ def train(tcfg: TrainConfig, mcfg):
 
     stop = {"signal": None}
 
-    def on_signal(signum, frame):  # only a flag: the loop saves between two steps, where the state is whole
+    def on_signal(signum, frame):  # finish the current step, save, exit
         stop["signal"] = signum
-    old_handlers = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
-
-    def agree(*flags):
-        """Each flag OR-ed over the ranks, so that all of them stop (or fail) at the same step."""
-        if world == 1:
-            return [bool(f) for f in flags]
-        t = torch.tensor([float(bool(f)) for f in flags], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return [bool(v) for v in t.tolist()]
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def state_dict():
         rng = [get_rng_state()]
@@ -721,7 +647,7 @@ def train(tcfg: TrainConfig, mcfg):
         from tqdm import tqdm
         bar = tqdm(total=tcfg.steps, initial=step, dynamic_ncols=True)
     log = open(os.path.join(out, "log.jsonl"), "a") if master else None
-    bad_in_a_row, skipped, t0, loss_terms = 0, 0, time.time(), []
+    bad_in_a_row, skipped, t0 = 0, 0, time.time()
     G.train(), D.train()
     try:
         while step < tcfg.steps:
@@ -734,35 +660,8 @@ def train(tcfg: TrainConfig, mcfg):
                                 pin_memory=use_cuda,
                                 # its own generator: a worker seed drawn from the global stream at every new
                                 # loader would shift that stream on resume (mid-epoch) against a straight run
-                                generator=torch.Generator().manual_seed((tcfg.seed * 1000 + rank) * 1000 + epoch),
-                                worker_init_fn=_worker_ignores_stops)
-            batches = _start_workers(loader)
-            while True:
-                # Stops and bad files are acted on here, between two steps, where the state is whole and all
-                # ranks agree on the step (one all_reduce per step).
-                try:
-                    batch, failure = next(batches), None
-                except StopIteration:
-                    break
-                except data.DatasetError as e:  # a file that cannot be read: save the state reached, then fail
-                    batch, failure = None, _error_text(e)
-                except RuntimeError as e:  # a worker killed by the stop too (a signal torch's handlers let through)
-                    if stop["signal"] is None or "DataLoader worker" not in str(e):
-                        raise
-                    batch, failure = None, None
-                stop_now, bad_data = agree(stop["signal"] is not None, failure is not None)
-                if bad_data:
-                    texts = [failure]
-                    if world > 1:  # rank 0 names the file another rank found
-                        texts = [None] * world
-                        dist.all_gather_object(texts, failure)
-                    checkpoint()
-                    raise data.DatasetError(f"{next(t for t in texts if t)} (stopped before step {step + 1}; the "
-                                            f"state is saved in {out}/ckpt_latest.pt: fix the file and --resume)")
-                if stop_now:
-                    checkpoint()
-                    say(f"\nstopped by signal at step {step}; checkpoint saved in {out}")
-                    return out
+                                generator=torch.Generator().manual_seed((tcfg.seed * 1000 + rank) * 1000 + epoch))
+            for batch in loader:
                 batch = data.prepare_batch(batch, info, device, edges=tcfg.model == "ecgan")
                 for opt in (opt_G, opt_D):
                     for g in opt.param_groups:
@@ -774,25 +673,17 @@ def train(tcfg: TrainConfig, mcfg):
                     loss_g, logs = module.g_step(G, D_for_g, batch, mcfg, vgg)
                 D_raw.requires_grad_(True)
                 ok_g = update(loss_g, opt_G)
-                loss_d, ok_d = None, False
-                # D is not updated when G's update was skipped: the step is taken again with the next batch, and
-                # D would get two updates against one of G's (and one against a G that did not move)
-                if ok_g:
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        loss_d, logs_d = module.d_step(G, D, batch, mcfg)
-                    logs.update(logs_d)
-                    ok_d = update(loss_d, opt_D)
-                    scaler.update()  # at least G's step ran (GradScaler needs one before update)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss_d, logs_d = module.d_step(G, D, batch, mcfg)
+                logs.update(logs_d)
+                ok_d = update(loss_d, opt_D)
+                scaler.update()
                 if not (ok_g and ok_d):
                     # The non-finite part was not applied; a run of them means training has diverged.
                     bad_in_a_row += 1
                     skipped += 1
-                    d_text = f"{loss_d.item():.4g}" if loss_d is not None else "not computed"
-                    # G steps first (GauGAN's order): after a bad D loss, undoing G's update would need a copy of
-                    # G and its optimiser at every step, so it stands
-                    what = "neither G nor D updated" if not ok_g else "D not updated (G's update stands)"
-                    say(f"\nstep {step}: non-finite loss (G {loss_g.item():.4g}, D {d_text}): {what}; the step is "
-                        f"taken again with the next batch ({bad_in_a_row} in a row)")
+                    say(f"\nstep {step}: non-finite loss (G {loss_g.item():.4g}, D {loss_d.item():.4g}), "
+                        f"update skipped ({bad_in_a_row} in a row)")
                     if bad_in_a_row >= tcfg.max_bad_steps:
                         checkpoint()
                         raise FloatingPointError(
@@ -805,9 +696,6 @@ def train(tcfg: TrainConfig, mcfg):
                 if master:
                     logs = {k: float(v) for k, v in logs.items()}
                     log.write(json.dumps({"step": step, **logs}) + "\n")
-                    if not loss_terms:  # what the loss really holds, from the first step of this process
-                        loss_terms.extend(logs)
-                        write_config(loss_terms)
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix({k: f"{v:.3f}" for k, v in list(logs.items())[:4]})
@@ -815,6 +703,15 @@ def train(tcfg: TrainConfig, mcfg):
                         write_samples()
                 if step % tcfg.ckpt_every == 0 or step == tcfg.steps:
                     checkpoint()
+                stop_now = stop["signal"] is not None
+                if world > 1:
+                    flag = torch.tensor(float(stop_now), device=device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    stop_now = bool(flag)
+                if stop_now:
+                    checkpoint()
+                    say(f"\nstopped by signal at step {step}; checkpoint saved in {out}")
+                    return out
                 if tcfg.stop_after and step >= tcfg.stop_after and step < tcfg.steps:
                     checkpoint()
                     say(f"\n--stop_after {tcfg.stop_after}: checkpoint saved in {out}; continue with --resume")
@@ -823,10 +720,7 @@ def train(tcfg: TrainConfig, mcfg):
                     break
     finally:
         for s, h in old_handlers.items():
-            # After a stop the process is on its way out and a second signal must not cut that short: ignored
-            # (SIG_IGN holds through interpreter shutdown), unless the caller had its own handler (a notebook's).
-            default = h in (signal.SIG_DFL, signal.default_int_handler)
-            signal.signal(s, signal.SIG_IGN if stop["signal"] is not None and default else h)
+            signal.signal(s, h)
         if bar is not None:
             bar.close()
         if log is not None:
@@ -843,7 +737,10 @@ def main(argv=None):
         tcfg, mcfg = parse_args(argv)
         train(tcfg, mcfg)
     except (ConfigError, CheckpointError, data.DatasetError, FloatingPointError) as e:
-        print(f"train.py: error: {_error_text(e)}", file=sys.stderr)
+        msg = str(e).strip()
+        if msg.startswith("Caught "):  # re-raised from a DataLoader worker: the error itself is the last line
+            msg = msg.splitlines()[-1].split(": ", 1)[-1]
+        print(f"train.py: error: {msg}", file=sys.stderr)
         sys.exit(2)
     finally:
         if dist.is_initialized():
