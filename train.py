@@ -23,6 +23,7 @@ import random
 import re
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, asdict, fields
 
@@ -85,7 +86,7 @@ class TrainConfig:
     device: str = "auto"          # auto | cpu | cuda
     amp: str = "auto"             # auto (bf16 on GPU, off on CPU) | bf16 | fp16 | none
     compile: bool = False         # torch.compile G and D
-    vgg: str = ""                 # VGG19 weights (torchvision layout): a path or URL; empty = perceptual loss off
+    vgg: str = ""                 # VGG19 weights (torchvision layout): a path or URL; "" or off: no perceptual loss
     segmenter_steps: int = 600    # ECGAN only: steps to train the built-in label generator when none is given
     cache_dir: str = ""           # ECGAN: trained G_l segmenters, keyed by data, size and steps ("": <out>/../cache)
     max_bad_steps: int = 10       # stop after this many non-finite losses in a row
@@ -166,6 +167,13 @@ def parse_args(argv=None):
     for name, value in PRESETS[tcfg.preset].items():
         if hasattr(mcfg, name) and name not in given:
             setattr(mcfg, name, value)
+    # GauGAN's and ECGAN's Eq. 10 losses carry a weight-10 VGG19 term: the paper preset does not drop it silently
+    if tcfg.preset == "paper" and not tcfg.vgg:
+        raise ConfigError(f"--preset paper needs --vgg: the papers' loss has a weight-10 VGG19 perceptual term; "
+                          f"give torchvision's VGG19 weights as a path or URL (e.g. --vgg {gaugan.VGG19_URL}), or "
+                          f"--vgg off to train without it")
+    if tcfg.vgg == "off":  # said on purpose: off, like no --vgg under the cpu preset
+        tcfg.vgg = ""
     if tcfg.task not in ("semantic", "crossview"):
         raise ConfigError(f"unknown task {tcfg.task!r}; choose semantic or crossview")
     if tcfg.dataset not in data.NAMES:
@@ -266,11 +274,21 @@ def _write_synced(obj, path):
         os.fsync(fh.fileno())
 
 
+def _write_temp(obj, tmp):
+    """_write_synced, removing the half-written file if the write fails (full disk, an exception raised into it)."""
+    try:
+        _write_synced(obj, tmp)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def atomic_save(obj, path):
     """Write to a temporary file in the same folder, flush to disk, then rename: a reader (or a crash) only ever
     sees the old file or the complete new one."""
     tmp = f"{path}.tmp{os.getpid()}"
-    _write_synced(obj, tmp)
+    _write_temp(obj, tmp)
     os.replace(tmp, path)
 
 
@@ -279,7 +297,7 @@ def save_checkpoint(state, out):
     ckpt_prev.pt (and the finished temp file), which find_resume_checkpoint falls back to."""
     latest, prev = os.path.join(out, "ckpt_latest.pt"), os.path.join(out, "ckpt_prev.pt")
     tmp = f"{latest}.tmp{os.getpid()}"
-    _write_synced(state, tmp)
+    _write_temp(state, tmp)
     if os.path.exists(latest):
         os.replace(latest, prev)
     os.replace(tmp, latest)
@@ -403,6 +421,50 @@ def set_rng_state(state):
 
 def _tuplify(x):
     return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# stops: `timeout`, scancel, systemd and torchrun send SIGTERM, a terminal's Ctrl-C sends SIGINT, each to the whole
+# process group, so the DataLoader workers get it too. Only the main process acts: it finishes the step, saves and
+# exits 0. torch's own worker SIGTERM handler dies on any signal not sent by the parent, and the main process then
+# failed mid-step ("DataLoader worker (pid N) is killed by signal: Terminated") with nothing saved.
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _worker_ignores_stops(worker_id):
+    """worker_init_fn: a worker leaves the stops sent to the group to the main process. It keeps them blocked and one
+    thread takes them: a SIGTERM from the main process itself (the DataLoader, or exit, ending a worker that did not
+    finish by itself) still ends it, as torch's own handler does; any other stop is dropped."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # already blocked since birth (_start_workers)
+    parent = os.getppid()
+
+    def take_stops():
+        while True:
+            info = signal.sigwaitinfo(STOP_SIGNALS)
+            if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+                os._exit(0)
+    threading.Thread(target=take_stops, name="stop-filter", daemon=True).start()
+
+
+def _start_workers(loader):
+    """iter(loader) with the stop signals blocked: workers are born blocking them (before torch installs its worker
+    handlers) and keep them blocked (_worker_ignores_stops); the main process gets any pending stop when the old
+    mask returns."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _error_text(e):
+    """An error's message; one re-raised from a DataLoader worker ("Caught X in DataLoader worker ...\\n<traceback>")
+    carries the original as the traceback's last line."""
+    msg = str(e).strip()
+    if msg.startswith("Caught "):
+        msg = msg.splitlines()[-1].split(": ", 1)[-1]
+    return msg
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -553,7 +615,8 @@ def train(tcfg: TrainConfig, mcfg):
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     if vgg is None:
-        say("VGG19 weights not given (--vgg PATH_OR_URL): the perceptual loss is off")
+        say("VGG19 weights not given (--vgg PATH_OR_URL): the VGG perceptual term (weight 10 in GauGAN, "
+            "ECGAN's Eq. 10 and LGGAN's public code) is not in the loss")
     else:
         vgg.to(device)
 
@@ -575,10 +638,13 @@ def train(tcfg: TrainConfig, mcfg):
     # all-reduced; D's parameters are frozen during that step to skip computing them.
     D_for_g = D_raw if not tcfg.compile else D
 
-    if master:
-        with open(os.path.join(out, "config.json"), "w") as fh:
-            json.dump({"train": asdict(tcfg), "model": asdict(mcfg), "info": asdict(info), "world_size": world},
-                      fh, indent=2)
+    def write_config(loss_terms=None):
+        """loss_terms: the generator's loss terms as its first step reports them (G_vgg only with --vgg)."""
+        if master:
+            with open(os.path.join(out, "config.json"), "w") as fh:
+                json.dump({"train": asdict(tcfg), "model": asdict(mcfg), "info": asdict(info), "world_size": world,
+                           "loss_terms": loss_terms}, fh, indent=2)
+    write_config()
 
     # A fixed batch of validation labels for the sample grid (dcgan's fixed noise).
     n = min(tcfg.num_samples, len(val_set))
@@ -597,9 +663,17 @@ def train(tcfg: TrainConfig, mcfg):
 
     stop = {"signal": None}
 
-    def on_signal(signum, frame):  # finish the current step, save, exit
+    def on_signal(signum, frame):  # only a flag: the loop saves between two steps, where the state is whole
         stop["signal"] = signum
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    old_handlers = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
+
+    def agree(*flags):
+        """Each flag OR-ed over the ranks, so that all of them stop (or fail) at the same step."""
+        if world == 1:
+            return [bool(f) for f in flags]
+        t = torch.tensor([float(bool(f)) for f in flags], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
 
     def state_dict():
         rng = [get_rng_state()]
@@ -647,7 +721,7 @@ def train(tcfg: TrainConfig, mcfg):
         from tqdm import tqdm
         bar = tqdm(total=tcfg.steps, initial=step, dynamic_ncols=True)
     log = open(os.path.join(out, "log.jsonl"), "a") if master else None
-    bad_in_a_row, skipped, t0 = 0, 0, time.time()
+    bad_in_a_row, skipped, t0, loss_terms = 0, 0, time.time(), []
     G.train(), D.train()
     try:
         while step < tcfg.steps:
@@ -660,8 +734,35 @@ def train(tcfg: TrainConfig, mcfg):
                                 pin_memory=use_cuda,
                                 # its own generator: a worker seed drawn from the global stream at every new
                                 # loader would shift that stream on resume (mid-epoch) against a straight run
-                                generator=torch.Generator().manual_seed((tcfg.seed * 1000 + rank) * 1000 + epoch))
-            for batch in loader:
+                                generator=torch.Generator().manual_seed((tcfg.seed * 1000 + rank) * 1000 + epoch),
+                                worker_init_fn=_worker_ignores_stops)
+            batches = _start_workers(loader)
+            while True:
+                # Stops and bad files are acted on here, between two steps, where the state is whole and all
+                # ranks agree on the step (one all_reduce per step).
+                try:
+                    batch, failure = next(batches), None
+                except StopIteration:
+                    break
+                except data.DatasetError as e:  # a file that cannot be read: save the state reached, then fail
+                    batch, failure = None, _error_text(e)
+                except RuntimeError as e:  # a worker killed by the stop too (a signal torch's handlers let through)
+                    if stop["signal"] is None or "DataLoader worker" not in str(e):
+                        raise
+                    batch, failure = None, None
+                stop_now, bad_data = agree(stop["signal"] is not None, failure is not None)
+                if bad_data:
+                    texts = [failure]
+                    if world > 1:  # rank 0 names the file another rank found
+                        texts = [None] * world
+                        dist.all_gather_object(texts, failure)
+                    checkpoint()
+                    raise data.DatasetError(f"{next(t for t in texts if t)} (stopped before step {step + 1}; the "
+                                            f"state is saved in {out}/ckpt_latest.pt: fix the file and --resume)")
+                if stop_now:
+                    checkpoint()
+                    say(f"\nstopped by signal at step {step}; checkpoint saved in {out}")
+                    return out
                 batch = data.prepare_batch(batch, info, device, edges=tcfg.model == "ecgan")
                 for opt in (opt_G, opt_D):
                     for g in opt.param_groups:
@@ -673,17 +774,25 @@ def train(tcfg: TrainConfig, mcfg):
                     loss_g, logs = module.g_step(G, D_for_g, batch, mcfg, vgg)
                 D_raw.requires_grad_(True)
                 ok_g = update(loss_g, opt_G)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss_d, logs_d = module.d_step(G, D, batch, mcfg)
-                logs.update(logs_d)
-                ok_d = update(loss_d, opt_D)
-                scaler.update()
+                loss_d, ok_d = None, False
+                # D is not updated when G's update was skipped: the step is taken again with the next batch, and
+                # D would get two updates against one of G's (and one against a G that did not move)
+                if ok_g:
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        loss_d, logs_d = module.d_step(G, D, batch, mcfg)
+                    logs.update(logs_d)
+                    ok_d = update(loss_d, opt_D)
+                    scaler.update()  # at least G's step ran (GradScaler needs one before update)
                 if not (ok_g and ok_d):
                     # The non-finite part was not applied; a run of them means training has diverged.
                     bad_in_a_row += 1
                     skipped += 1
-                    say(f"\nstep {step}: non-finite loss (G {loss_g.item():.4g}, D {loss_d.item():.4g}), "
-                        f"update skipped ({bad_in_a_row} in a row)")
+                    d_text = f"{loss_d.item():.4g}" if loss_d is not None else "not computed"
+                    # G steps first (GauGAN's order): after a bad D loss, undoing G's update would need a copy of
+                    # G and its optimiser at every step, so it stands
+                    what = "neither G nor D updated" if not ok_g else "D not updated (G's update stands)"
+                    say(f"\nstep {step}: non-finite loss (G {loss_g.item():.4g}, D {d_text}): {what}; the step is "
+                        f"taken again with the next batch ({bad_in_a_row} in a row)")
                     if bad_in_a_row >= tcfg.max_bad_steps:
                         checkpoint()
                         raise FloatingPointError(
@@ -696,6 +805,9 @@ def train(tcfg: TrainConfig, mcfg):
                 if master:
                     logs = {k: float(v) for k, v in logs.items()}
                     log.write(json.dumps({"step": step, **logs}) + "\n")
+                    if not loss_terms:  # what the loss really holds, from the first step of this process
+                        loss_terms.extend(logs)
+                        write_config(loss_terms)
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix({k: f"{v:.3f}" for k, v in list(logs.items())[:4]})
@@ -703,15 +815,6 @@ def train(tcfg: TrainConfig, mcfg):
                         write_samples()
                 if step % tcfg.ckpt_every == 0 or step == tcfg.steps:
                     checkpoint()
-                stop_now = stop["signal"] is not None
-                if world > 1:
-                    flag = torch.tensor(float(stop_now), device=device)
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                    stop_now = bool(flag)
-                if stop_now:
-                    checkpoint()
-                    say(f"\nstopped by signal at step {step}; checkpoint saved in {out}")
-                    return out
                 if tcfg.stop_after and step >= tcfg.stop_after and step < tcfg.steps:
                     checkpoint()
                     say(f"\n--stop_after {tcfg.stop_after}: checkpoint saved in {out}; continue with --resume")
@@ -720,7 +823,10 @@ def train(tcfg: TrainConfig, mcfg):
                     break
     finally:
         for s, h in old_handlers.items():
-            signal.signal(s, h)
+            # After a stop the process is on its way out and a second signal must not cut that short: ignored
+            # (SIG_IGN holds through interpreter shutdown), unless the caller had its own handler (a notebook's).
+            default = h in (signal.SIG_DFL, signal.default_int_handler)
+            signal.signal(s, signal.SIG_IGN if stop["signal"] is not None and default else h)
         if bar is not None:
             bar.close()
         if log is not None:
@@ -736,11 +842,12 @@ def main(argv=None):
     try:
         tcfg, mcfg = parse_args(argv)
         train(tcfg, mcfg)
+        if dist.is_initialized():
+            # no rank closes its connections while another still reads the last collective (rank 0 its share of
+            # the final checkpoint's all_gather): a socket closed with data unread resets the peer's connection
+            dist.barrier()
     except (ConfigError, CheckpointError, data.DatasetError, FloatingPointError) as e:
-        msg = str(e).strip()
-        if msg.startswith("Caught "):  # re-raised from a DataLoader worker: the error itself is the last line
-            msg = msg.splitlines()[-1].split(": ", 1)[-1]
-        print(f"train.py: error: {msg}", file=sys.stderr)
+        print(f"train.py: error: {_error_text(e)}", file=sys.stderr)
         sys.exit(2)
     finally:
         if dist.is_initialized():
