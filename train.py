@@ -87,6 +87,7 @@ class TrainConfig:
     amp: str = "auto"             # auto (bf16 on GPU, off on CPU) | bf16 | fp16 | none
     compile: bool = False         # torch.compile G and D
     vgg: str = ""                 # VGG19 weights (torchvision layout): a path or URL; "" or off: no perceptual loss
+    vgg_input: str = "imagenet"   # VGG input: "imagenet" statistics (ours) | "raw" [-1, 1] (GauGAN's public code)
     segmenter_steps: int = 600    # ECGAN only: steps to train the built-in label generator when none is given
     cache_dir: str = ""           # ECGAN: trained G_l segmenters, keyed by data, size and steps ("": <out>/../cache)
     max_bad_steps: int = 10       # stop after this many non-finite losses in a row
@@ -245,10 +246,12 @@ def validate_run(tcfg, mcfg, module, info):
     except (ValueError, TypeError, KeyError, NotImplementedError, RuntimeError, ZeroDivisionError) as e:
         raise ConfigError(f"{tcfg.model} cannot be built for {info.name} at {info.height}x{info.width} with these "
                           f"settings: {_first_line(e)}") from None
+    if tcfg.vgg_input not in gaugan.VGG_INPUTS:
+        raise ConfigError(f"--vgg_input {tcfg.vgg_input!r}: expected one of {', '.join(gaugan.VGG_INPUTS)}")
     if not tcfg.vgg:
         return None
     try:
-        return gaugan.load_vgg19(tcfg.vgg)
+        return gaugan.load_vgg19(tcfg.vgg, tcfg.vgg_input)
     except (OSError, ValueError, RuntimeError) as e:
         raise ConfigError(f"--vgg {tcfg.vgg}: {_first_line(e)} (expected torchvision's vgg19 weights, a path or "
                           f"URL)") from None
