@@ -27,6 +27,8 @@ import torch
 import ecgan
 import eval as evaluation
 import lggan
+import segmenter_train
+from evalrun import EvalError, one_line, pick_device
 
 TABLES = {  # table -> (model, [(row name, {config field: value})]); None: the rows of the model file's table
     "lggan9": ("lggan", None),  # rows from lggan.TABLE9
@@ -84,7 +86,7 @@ def run_table(name, budget_steps, seeds, out, train_args=(), height=64, width=12
     out = Path(out)
     root = out / name
     size = (height, width)
-    device = evaluation._device(device)
+    device = pick_device(device)
     train_set = data.make_dataset(dataset, dataroot, split="train", size=size)
     info = train_set.info
     data_flags = ["--dataroot", str(dataroot)] if dataroot else []
@@ -97,8 +99,8 @@ def run_table(name, budget_steps, seeds, out, train_args=(), height=64, width=12
             tcfg.vgg = ""  # the VGG file is the same for every row: loaded once
         train.validate_run(tcfg, mcfg, train.MODELS[model], info)
     notes = []
-    seg, seg_desc = evaluation.find_segmenter(None, [out], dataset, info, dataroot, seg_steps, 8, device, notes)
-    seg_path = evaluation._segmenter_cache_path(out, dataset, info)
+    seg, seg_desc = segmenter_train.find_segmenter(None, [out], dataset, info, dataroot, seg_steps, 8, device, notes)
+    seg_path = segmenter_train.cache_path(out, dataset, info)
     gl_path = out / f"label_generator_{dataset}_{height}x{width}.pt"  # ECGAN's G_l, seed 0 (not the measurer)
     results = []
     for row, over in table_rows(name):
@@ -107,7 +109,8 @@ def run_table(name, budget_steps, seeds, out, train_args=(), height=64, width=12
         extra = []
         if model == "ecgan" and over.get("use_label_gen", True):
             if not gl_path.is_file():
-                evaluation.train_segmenter(train_set, info, steps=gl_steps, device=device, out_path=gl_path, seed=0)
+                segmenter_train.train_segmenter(train_set, info, steps=gl_steps, device=device, out_path=gl_path,
+                                                seed=0)
             extra = ["--segmenter", str(gl_path)]
         per_seed = []
         for seed in seeds:
@@ -189,8 +192,8 @@ def main(argv=None):
     try:
         return run_table(args.table, args.budget_steps, args.seeds, args.out, train_args, height, width,
                          args.dataset, args.num, args.seg_steps, args.gl_steps, args.device, args.dataroot)
-    except (evaluation.EvalError, train.ConfigError, train.CheckpointError, ValueError) as e:
-        print(f"tables.py: error: {evaluation.one_line(e)}", file=sys.stderr)
+    except (EvalError, train.ConfigError, train.CheckpointError, ValueError) as e:
+        print(f"tables.py: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
 
 

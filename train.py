@@ -233,10 +233,10 @@ def validate_run(tcfg, mcfg, module, info):
     if getattr(mcfg, "use_label_gen", False) and hasattr(mcfg, "segmenter"):
         own = not mcfg.segmenter or _own_segmenter_path(mcfg, tcfg)  # trained by the run when absent
         if not own or os.path.exists(mcfg.segmenter):
-            import eval as evaluation
+            import segmenter_train
             try:
-                evaluation.load_segmenter(mcfg.segmenter, info)
-            except evaluation.EvalError as e:
+                segmenter_train.load_segmenter(mcfg.segmenter, info)
+            except segmenter_train.EvalError as e:
                 raise ConfigError(f"--segmenter: {e}") from None
         dry = dataclasses.replace(mcfg, use_label_gen=False)  # G_l itself is loaded (or trained) later
     try:
@@ -506,18 +506,18 @@ def own_label_generator(tcfg, info, train_set, device, dest, say=print):
     generated ones), taken from the cache when a run on the same data trained it before; copied into the run
     folder (dest) so that the run keeps its own G_l."""
     import shutil
-    import eval as evaluation
+    import segmenter_train
     cache = label_generator_cache(tcfg, info, len(train_set))
     try:
-        evaluation.load_segmenter(cache, info)
+        segmenter_train.load_segmenter(cache, info)
         say(f"G_l: the built-in segmenter cached at {cache} ({tcfg.segmenter_steps} steps on these images)")
-    except evaluation.EvalError:  # absent (or damaged): train it
+    except segmenter_train.EvalError:  # absent (or damaged): train it
         say(f"G_l: training the built-in segmenter on {len(train_set)} real {info.name} images for "
             f"{tcfg.segmenter_steps} steps before step 1 (once: cached at {cache} for the next run on this data; "
             f"--segmenter FILE skips it)")
         t0 = time.time()
-        evaluation.train_segmenter(train_set, info, steps=tcfg.segmenter_steps, device=device, out_path=cache,
-                                   progress=tcfg.progress, say=say)
+        segmenter_train.train_segmenter(train_set, info, steps=tcfg.segmenter_steps, device=device, out_path=cache,
+                                        progress=tcfg.progress, say=say)
         say(f"G_l trained in {time.time() - t0:.0f}s")
     tmp = f"{dest}.tmp{os.getpid()}"
     shutil.copyfile(cache, tmp)

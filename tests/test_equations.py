@@ -21,9 +21,10 @@ import torch.nn.functional as F
 
 import data
 import ecgan
-import eval as evaluation
+import fid
 import gaugan
 import lggan
+import metrics
 import sau
 
 H, W = 32, 64
@@ -611,24 +612,24 @@ def test_ssim_of_two_different_images_by_hand():
             vals.append((2 * mx * my + c1) * (2 * sxy + c2) / ((mx * mx + my * my + c1) * (sxx + syy + c2)))
     want = sum(vals) / len(vals)
     assert want < 0.95
-    assert float(evaluation.ssim(x, y)[0]) == pytest.approx(want, rel=1e-6)
-    assert float(evaluation.ssim(x * 255, y * 255, data_range=255)[0]) == pytest.approx(want, rel=1e-6)
+    assert float(metrics.ssim(x, y)[0]) == pytest.approx(want, rel=1e-6)
+    assert float(metrics.ssim(x * 255, y * 255, data_range=255)[0]) == pytest.approx(want, rel=1e-6)
 
 
 def test_psnr_closed_form():
     x = torch.zeros(1, 3, 4, 4)
     y = x.clone()
     y[0, 0, 0, 0] = 0.5  # MSE = 0.25 / 48
-    assert float(evaluation.psnr(x, y)[0]) == pytest.approx(10 * math.log10(48 / 0.25), rel=1e-6)
-    assert float(evaluation.psnr(x * 255, y * 255, data_range=255)[0]) == pytest.approx(10 * math.log10(48 / 0.25),
+    assert float(metrics.psnr(x, y)[0]) == pytest.approx(10 * math.log10(48 / 0.25), rel=1e-6)
+    assert float(metrics.psnr(x * 255, y * 255, data_range=255)[0]) == pytest.approx(10 * math.log10(48 / 0.25),
                                                                                          rel=1e-5)
 
 
 def test_miou_counts_a_class_seen_only_in_the_prediction_and_skips_ignored_pixels():
     target = torch.tensor([0, 0, 0, 1, 1, 4, 4])  # 4 = ignored label
     pred = torch.tensor([0, 2, 0, 1, 2, 1, 0])  # class 2 never in the target: IoU 0, still averaged
-    conf = evaluation.confusion_matrix(pred, target, 3, ignore=(4,))
-    s = evaluation.segmentation_scores(conf, ignore=(4,))
+    conf = metrics.confusion_matrix(pred, target, 3, ignore=(4,))
+    s = metrics.segmentation_scores(conf, ignore=(4,))
     # class 0: tp 2, union 3 -> 2/3; class 1: tp 1, union 2 -> 1/2; class 2: 0
     assert s["mIoU"] == pytest.approx((2 / 3 + 1 / 2 + 0) / 3)
     assert s["accuracy"] == pytest.approx(3 / 5)
@@ -649,5 +650,5 @@ def test_fid_from_features_of_two_constructed_gaussian_samples():
     mu1, mu2 = torch.tensor([0.0, 1.0, -2.0], dtype=torch.float64), torch.tensor([0.5, 1.0, 0.0], dtype=torch.float64)
     v1, v2 = torch.tensor([1.0, 4.0, 0.25], dtype=torch.float64), torch.tensor([2.0, 1.0, 1.0], dtype=torch.float64)
     want = float(((mu1 - mu2) ** 2).sum() + (v1 + v2 - 2 * (v1 * v2).sqrt()).sum())
-    assert evaluation.fid_from_features(sample(mu1, v1), sample(mu2, v2)) == pytest.approx(want, rel=1e-9)
-    assert abs(evaluation.fid_from_features(sample(mu1, v1), sample(mu1, v1))) < 1e-9
+    assert fid.fid_from_features(sample(mu1, v1), sample(mu2, v2)) == pytest.approx(want, rel=1e-9)
+    assert abs(fid.fid_from_features(sample(mu1, v1), sample(mu1, v1))) < 1e-9

@@ -10,6 +10,11 @@ import pytest
 import torch
 
 import eval as evaluation
+import fid
+import figures
+import metrics
+import segmenter
+import segmenter_train
 
 
 def _has(module):
@@ -22,7 +27,7 @@ def _has(module):
 def test_frechet_distance_of_a_set_to_itself_is_zero():
     g = torch.Generator().manual_seed(0)
     f = torch.randn(50, 64, generator=g)  # fewer samples than dims: rank-deficient covariance
-    assert abs(evaluation.fid_from_features(f, f)) < 1e-6
+    assert abs(fid.fid_from_features(f, f)) < 1e-6
 
 
 def test_frechet_distance_matches_closed_form_for_diagonal_gaussians():
@@ -32,7 +37,7 @@ def test_frechet_distance_matches_closed_form_for_diagonal_gaussians():
     v1 = torch.rand(d, generator=g, dtype=torch.float64) + 0.1
     v2 = torch.rand(d, generator=g, dtype=torch.float64) + 0.1
     expected = ((mu1 - mu2) ** 2).sum() + (v1 + v2 - 2 * (v1 * v2).sqrt()).sum()
-    got = evaluation.frechet_distance(mu1, torch.diag(v1), mu2, torch.diag(v2))
+    got = fid.frechet_distance(mu1, torch.diag(v1), mu2, torch.diag(v2))
     assert got == pytest.approx(float(expected), rel=1e-9, abs=1e-9)
 
 
@@ -47,7 +52,7 @@ def test_frechet_distance_matches_closed_form_for_commuting_full_covariances():
     mu = torch.zeros(d, dtype=torch.float64)
     expected = (a + b - 2 * (a * b).sqrt()).sum()
     # a zero eigenvalue carries ~1e-16 round-off whose square root is ~1e-8: that bounds the agreement
-    assert evaluation.frechet_distance(mu, s1, mu, s2) == pytest.approx(float(expected), rel=1e-6)
+    assert fid.frechet_distance(mu, s1, mu, s2) == pytest.approx(float(expected), rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -56,8 +61,8 @@ def test_frechet_distance_matches_closed_form_for_commuting_full_covariances():
 def test_miou_and_accuracy_on_hand_made_labels():
     target = torch.tensor([[0, 0, 1, 1], [2, 2, 2, 2]])
     pred = torch.tensor([[0, 1, 1, 1], [2, 2, 0, 2]])
-    conf = evaluation.confusion_matrix(pred, target, 3)
-    s = evaluation.segmentation_scores(conf)
+    conf = metrics.confusion_matrix(pred, target, 3)
+    s = metrics.segmentation_scores(conf)
     # class 0: tp 1, gt 2, pred 2 -> 1/3; class 1: tp 2, gt 2, pred 3 -> 2/3; class 2: tp 3, gt 4, pred 3 -> 3/4
     assert s["mIoU"] == pytest.approx((1 / 3 + 2 / 3 + 3 / 4) / 3)
     assert s["accuracy"] == pytest.approx(6 / 8)
@@ -66,15 +71,15 @@ def test_miou_and_accuracy_on_hand_made_labels():
 def test_miou_ignores_labels_and_counts_out_of_range_predictions_as_wrong():
     target = torch.tensor([0, 0, 1, 1, 3, 3])  # 3 = dontcare id for num_classes=3
     pred = torch.tensor([0, 3, 1, 1, 0, 2])    # a dontcare prediction on a real pixel is wrong
-    conf = evaluation.confusion_matrix(pred, target, 3, ignore=(3,))
+    conf = metrics.confusion_matrix(pred, target, 3, ignore=(3,))
     assert int(conf.sum()) == 4  # the two dontcare pixels are not counted
-    s = evaluation.segmentation_scores(conf, ignore=(3,))
+    s = metrics.segmentation_scores(conf, ignore=(3,))
     # class 0: tp 1, gt 2, pred 1 -> 1/2; class 1: 1; class 2 absent everywhere counted -> not averaged
     assert s["mIoU"] == pytest.approx(0.75)
     assert s["accuracy"] == pytest.approx(3 / 4)
     # ignoring a real class drops its pixels and its IoU
-    conf = evaluation.confusion_matrix(pred, target, 3, ignore=(3, 1))
-    s = evaluation.segmentation_scores(conf, ignore=(3, 1))
+    conf = metrics.confusion_matrix(pred, target, 3, ignore=(3, 1))
+    s = metrics.segmentation_scores(conf, ignore=(3, 1))
     assert s["mIoU"] == pytest.approx(0.5) and s["accuracy"] == pytest.approx(0.5)
 
 
@@ -83,16 +88,16 @@ def test_miou_ignores_labels_and_counts_out_of_range_predictions_as_wrong():
 
 def test_ssim_psnr_sharpness_of_identical_images():
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(evaluation.ssim(x, x), torch.ones(2), atol=1e-6)
-    assert torch.allclose(evaluation.ssim(x * 255, x * 255, data_range=255), torch.ones(2), atol=1e-6)
-    assert torch.all(evaluation.psnr(x, x) == evaluation.PSNR_CAP)
-    assert torch.all(evaluation.sharpness_difference(x, x) == evaluation.PSNR_CAP)
+    assert torch.allclose(metrics.ssim(x, x), torch.ones(2), atol=1e-6)
+    assert torch.allclose(metrics.ssim(x * 255, x * 255, data_range=255), torch.ones(2), atol=1e-6)
+    assert torch.all(metrics.psnr(x, x) == metrics.PSNR_CAP)
+    assert torch.all(metrics.sharpness_difference(x, x) == metrics.PSNR_CAP)
     y = (x + 0.1 * torch.randn_like(x)).clamp(0, 1)
-    assert torch.all(evaluation.ssim(x, y) < 0.99)
+    assert torch.all(metrics.ssim(x, y) < 0.99)
     mse = ((x - y) ** 2).mean(dim=(1, 2, 3))
-    assert torch.allclose(evaluation.psnr(x, y), 10 * torch.log10(1 / mse), atol=1e-4)
+    assert torch.allclose(metrics.psnr(x, y), 10 * torch.log10(1 / mse), atol=1e-4)
     # the same images on the [0, 255] scale give the same PSNR
-    assert torch.allclose(evaluation.psnr(x * 255, y * 255, data_range=255), evaluation.psnr(x, y), atol=1e-3)
+    assert torch.allclose(metrics.psnr(x * 255, y * 255, data_range=255), metrics.psnr(x, y), atol=1e-3)
 
 
 def test_sharpness_difference_matches_naive_loops():
@@ -105,19 +110,19 @@ def test_sharpness_difference_matches_naive_loops():
             gy = abs(y[0, 0, i, j] - y[0, 0, i - 1, j]) + abs(y[0, 0, i, j] - y[0, 0, i, j - 1])
             total += abs(float(gx - gy))
     expected = 10 * math.log10(1 / (total / 20))
-    assert float(evaluation.sharpness_difference(x, y)) == pytest.approx(expected, rel=1e-5)
+    assert float(metrics.sharpness_difference(x, y)) == pytest.approx(expected, rel=1e-5)
 
 
 def test_classifier_metrics():
     real = torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [0, 0, 0.1]])
     fake = torch.tensor([[4.0, 0, 0], [0, 0, 5.0], [0, 0, 3.0]])
-    assert evaluation.topk_accuracy(fake, real, 1) == pytest.approx(2 / 3)
-    assert evaluation.topk_accuracy(fake, real, 1, min_conf=0.5) == pytest.approx(1 / 2)
-    assert evaluation.topk_accuracy(fake, real, 3) == 1.0
-    assert evaluation.kl_score(real, real) == pytest.approx(0.0, abs=1e-12)
+    assert metrics.topk_accuracy(fake, real, 1) == pytest.approx(2 / 3)
+    assert metrics.topk_accuracy(fake, real, 1, min_conf=0.5) == pytest.approx(1 / 2)
+    assert metrics.topk_accuracy(fake, real, 3) == 1.0
+    assert metrics.kl_score(real, real) == pytest.approx(0.0, abs=1e-12)
     # confident, evenly spread predictions over N classes give an inception-style score close to N
-    assert evaluation.inception_style_score(torch.eye(3) * 50) == pytest.approx(3.0, rel=1e-6)
-    assert evaluation.inception_style_score(torch.zeros(4, 3)) == pytest.approx(1.0)
+    assert metrics.inception_style_score(torch.eye(3) * 50) == pytest.approx(3.0, rel=1e-6)
+    assert metrics.inception_style_score(torch.zeros(4, 3)) == pytest.approx(1.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -140,7 +145,7 @@ KNOWN_FID_SHAPES = {  # from pytorch-fid's pt_inception-2015-12-05-6726825d.pth 
 
 def test_fid_inception_accepts_the_weights_file_layout(tmp_path):
     t0 = time.time()
-    model = evaluation.FIDInceptionV3()
+    model = fid.FIDInceptionV3()
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     for k, shape in KNOWN_FID_SHAPES.items():
         assert shapes[k] == shape, k
@@ -151,9 +156,9 @@ def test_fid_inception_accepts_the_weights_file_layout(tmp_path):
     state = {k: (torch.rand(v.shape, generator=g) + 0.5) if "running_var" in k
              else torch.randn(v.shape, generator=g) * 0.05
              for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-    path = tmp_path / evaluation.FID_WEIGHTS_FILE
+    path = tmp_path / fid.FID_WEIGHTS_FILE
     torch.save(state, path)
-    net = evaluation.load_fid_inception(path)
+    net = fid.load_fid_inception(path)
     assert torch.equal(net.Mixed_7c.branch_pool.conv.weight, state["Mixed_7c.branch_pool.conv.weight"])
     feats = net(torch.rand(2, 3, 32, 64) * 2 - 1)  # resized to 299x299 inside
     assert feats.shape == (2, 2048) and torch.isfinite(feats).all()
@@ -161,16 +166,16 @@ def test_fid_inception_accepts_the_weights_file_layout(tmp_path):
 
 
 def test_fid_inception_rejects_wrong_weights_with_the_file_name(tmp_path):
-    state = evaluation.FIDInceptionV3().state_dict()
+    state = fid.FIDInceptionV3().state_dict()
     bad = dict(state)
     bad["fc.weight"] = torch.zeros(1000, 2048)  # torchvision's ImageNet head
     del bad["Mixed_7c.branch_pool.conv.weight"]
     path = tmp_path / "imagenet_inception.pth"
     torch.save(bad, path)
     with pytest.raises(evaluation.EvalError, match="imagenet_inception.pth.*missing.*Mixed_7c.*fc.weight"):
-        evaluation.load_fid_inception(path)
+        fid.load_fid_inception(path)
     with pytest.raises(evaluation.EvalError, match="not found: .*nowhere.pth"):
-        evaluation.load_fid_inception(tmp_path / "nowhere.pth")
+        fid.load_fid_inception(tmp_path / "nowhere.pth")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -195,39 +200,39 @@ def test_segmenter_trains_on_synthetic_scenes_and_beats_chance(tmp_path):
     path = tmp_path / "seg.pt"
     torch.manual_seed(0)
     rng_before = torch.get_rng_state()
-    seg = evaluation.train_segmenter(train_items, info, steps=40, batch_size=8, width=8, out_path=path,
+    seg = segmenter_train.train_segmenter(train_items, info, steps=40, batch_size=8, width=8, out_path=path,
                                      progress=False)
     assert torch.equal(torch.get_rng_state(), rng_before)  # the caller's random stream is untouched
     image = torch.stack([v["image"] for v in val_items])
     label = torch.stack([v["label"] for v in val_items])
-    s = evaluation.segmentation_scores(evaluation.confusion_matrix(evaluation.segment(seg, image), label,
+    s = metrics.segmentation_scores(metrics.confusion_matrix(metrics.segment(seg, image), label,
                                                                    info.num_classes))
     majority = torch.bincount(label.flatten()).max().item() / label.numel()  # always predicting the commonest class
     assert s["accuracy"] > majority + 0.15, (s, majority)
     assert s["mIoU"] > majority / info.num_classes + 0.05, s  # the majority predictor's mIoU is <= majority / C
     # the cached checkpoint and a TorchScript export load back to the same predictions
     logits = seg(image)
-    assert torch.allclose(evaluation.load_segmenter(path, info)(image), logits)
+    assert torch.allclose(segmenter_train.load_segmenter(path, info)(image), logits)
     torch.jit.save(torch.jit.script(seg), tmp_path / "seg_ts.pt")
-    assert torch.allclose(evaluation.load_segmenter(tmp_path / "seg_ts.pt")(image), logits, atol=1e-5)
+    assert torch.allclose(segmenter_train.load_segmenter(tmp_path / "seg_ts.pt")(image), logits, atol=1e-5)
 
 
 def test_load_segmenter_errors_name_the_file(tmp_path):
     info = data.DataInfo("synthetic", 10, False, True, 32, 64)
     with pytest.raises(evaluation.EvalError, match="not found: .*missing_seg.pt"):
-        evaluation.load_segmenter(tmp_path / "missing_seg.pt")
-    seg = evaluation.Segmenter(5, width=4)
+        segmenter_train.load_segmenter(tmp_path / "missing_seg.pt")
+    seg = segmenter.Segmenter(5, width=4)
     torch.save({"kind": "segmenter", "label_nc": 5, "width": 4, "state": seg.state_dict()}, tmp_path / "five.pt")
     with pytest.raises(evaluation.EvalError, match="five.pt: segmenter predicts 5 labels.*10"):
-        evaluation.load_segmenter(tmp_path / "five.pt", info)
+        segmenter_train.load_segmenter(tmp_path / "five.pt", info)
     state = seg.state_dict()
     state["classify.weight"] = torch.zeros(6, 4, 1, 1)
     torch.save({"kind": "segmenter", "label_nc": 5, "width": 4, "state": state}, tmp_path / "bad.pt")
     with pytest.raises(evaluation.EvalError, match=r"bad.pt does not match the built-in Segmenter.*classify.weight"):
-        evaluation.load_segmenter(tmp_path / "bad.pt")
+        segmenter_train.load_segmenter(tmp_path / "bad.pt")
     torch.save({"G": {}}, tmp_path / "other.pt")
     with pytest.raises(evaluation.EvalError, match="other.pt: not a built-in segmenter"):
-        evaluation.load_segmenter(tmp_path / "other.pt")
+        segmenter_train.load_segmenter(tmp_path / "other.pt")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -259,8 +264,8 @@ def test_end_to_end_eval_of_a_tiny_checkpoint_writes_metrics_json(tmp_path):
     run = tmp_path / "run"
     train.main(TINY + ["--out", str(run), "--steps", "1", "--batch_size", "2"])
     out = tmp_path / "eval"
-    evaluation.main(["--ckpt", str(run / "ckpt_latest.pt"), "--out", str(out), "--num", "5", "--batch-size", "2",
-                     "--seg-steps", "2", "--device", "cpu"])
+    evaluation.main(["--ckpt", str(run / "ckpt_latest.pt"), "--out", str(out), "--num", "5", "--batch_size", "2",
+                     "--seg_steps", "2", "--device", "cpu"])
     res = json.loads((out / "metrics.json").read_text())
     m = res["metrics"]
     assert res["model"] == "gaugan" and res["num_images"] == 5 and res["resolution"] == "32x64"
@@ -271,6 +276,21 @@ def test_end_to_end_eval_of_a_tiny_checkpoint_writes_metrics_json(tmp_path):
     assert len(list((out / "fake").glob("*.png"))) == 5 and len(list((out / "real").glob("*.png"))) == 5
     assert (out / "grid.png").stat().st_size > 0
     assert (out / "segmenter_synthetic_32x64.pt").is_file()  # cached for the next evaluation
+
+
+def test_flags_use_underscores_and_the_old_dashed_spelling_parses_the_same():
+    common = ["--ckpt", "run/ckpt_latest.pt", "--device", "cpu"]
+    p, new = evaluation.parse_args(common + ["--train_segmenter", "--batch_size", "3", "--seg_steps", "5",
+                                             "--no_images"])
+    _, old = evaluation.parse_args(common + ["--train-segmenter", "--batch-size", "3", "--seg-steps", "5",
+                                             "--no-images"])
+    assert vars(new) == vars(old)
+    assert (new.train_segmenter, new.batch_size, new.seg_steps, new.no_images) == (True, 3, 5, True)
+    _, default = evaluation.parse_args(common)  # the hidden aliases leave the defaults alone
+    assert (default.train_segmenter, default.batch_size, default.seg_steps, default.no_images) == (False, 8, None,
+                                                                                                    False)
+    shown = p.format_help()
+    assert "--seg_steps" in shown and "--batch_size" in shown and "--seg-steps" not in shown
 
 
 def test_eval_errors_name_the_checkpoint(tmp_path, capsys):
@@ -323,7 +343,7 @@ def test_end_to_end_crossview_eval_with_a_torchscript_classifier(tmp_path):
     res = evaluation.evaluate(tmp_path / "ckpt.pt", out=tmp_path / "eval", num=3, batch_size=2, seg_steps=2,
                               classifier=str(tmp_path / "places.pt"), progress=False)
     m = res["metrics"]
-    assert -1 <= m["SSIM"] <= 1 and 0 < m["PSNR"] <= evaluation.PSNR_CAP and m["sharpness difference"] > 0
+    assert -1 <= m["SSIM"] <= 1 and 0 < m["PSNR"] <= metrics.PSNR_CAP and m["sharpness difference"] > 0
     assert 0 <= m["top-1 accuracy"] <= m["top-5 accuracy"] <= 1 and m["KL"] >= 0
     assert 1 <= m["inception-style score (all)"] <= 6
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"] == m
@@ -338,7 +358,7 @@ def test_figures_of_a_tiny_lggan_plus_plus_checkpoint(tmp_path):
     run = tmp_path / "run"
     lg = [a if a != "gaugan" else "lggan" for a in TINY]
     train.main(lg + ["--upsample", "sau", "--out", str(run), "--steps", "1", "--batch_size", "2"])
-    written = evaluation.main(["--figures", "--ckpt", str(run / "ckpt_latest.pt"), "--num", "2", "--seg-steps", "2",
+    written = evaluation.main(["--figures", "--ckpt", str(run / "ckpt_latest.pt"), "--num", "2", "--seg_steps", "2",
                                "--device", "cpu"])
     names = {"lggan_fig12_class_features.png", "lggan_fig13_semantic_maps.png", "sau_fig5_kernels.png"}
     assert {p.name for p in written.values()} == names
@@ -346,7 +366,7 @@ def test_figures_of_a_tiny_lggan_plus_plus_checkpoint(tmp_path):
         assert (run / "figures" / name).stat().st_size > 0
     gg = tmp_path / "gaugan"
     train.main(TINY + ["--out", str(gg), "--steps", "1", "--batch_size", "2"])
-    written = evaluation.make_figures(gg / "ckpt_latest.pt", out=tmp_path / "gfig", num=2, device="cpu",
+    written = figures.make_figures(gg / "ckpt_latest.pt", out=tmp_path / "gfig", num=2, device="cpu",
                                       segmenter=str(run / "figures" / "segmenter_synthetic_32x64.pt"))
     assert [p.name for p in written.values()] == ["gaugan_semantic_maps.png"]
     assert time.time() - t0 < 60
@@ -368,29 +388,29 @@ def test_cityscapes_scored_on_19_train_ids():
             return torch.nn.functional.one_hot(self.pred, self.n).permute(0, 3, 1, 2).float()
 
     image = torch.zeros(1, 3, 4, 4)
-    conf = evaluation.confusion_of(Fixed(label, 35), image, label, info)
+    conf = metrics.confusion_of(Fixed(label, 35), image, label, info)
     assert conf.shape == (19, 20) and conf.sum() == 11  # the 5 void / license-plate pixels are not counted
-    s = evaluation.segmentation_scores(conf)
+    s = metrics.segmentation_scores(conf)
     assert s["mIoU"] == 1.0 and s["accuracy"] == 1.0
     wrong = label.clone()
     wrong[0, 0, 0] = 34  # a road pixel predicted as license plate (no train id): wrong, not ignored
-    s = evaluation.segmentation_scores(evaluation.confusion_of(Fixed(wrong, 35), image, label, info))
+    s = metrics.segmentation_scores(metrics.confusion_of(Fixed(wrong, 35), image, label, info))
     assert s["accuracy"] == 10 / 11
     # a segmenter over the 19 train ids (a DRN export) is read directly
     train_ids = data.cityscapes_train_ids(label)
-    conf19 = evaluation.confusion_of(Fixed(train_ids.clamp(max=18), 19), image, label, info)
+    conf19 = metrics.confusion_of(Fixed(train_ids.clamp(max=18), 19), image, label, info)
     assert torch.equal(conf19, conf)
 
 
 def test_segmenter_steps_scale_with_the_data_and_a_part_is_held_out():
-    steps = [evaluation.auto_segmenter_steps(n) for n in (1, 11, 100, 400, 1800, 3000)]
-    assert steps[0] == steps[1] == evaluation.SEG_STEPS_MIN and steps[-1] == evaluation.SEG_STEPS_MAX
-    assert steps[3] == evaluation.SEG_EPOCHS * 400 // 8 and steps == sorted(steps)
+    steps = [segmenter_train.auto_segmenter_steps(n) for n in (1, 11, 100, 400, 1800, 3000)]
+    assert steps[0] == steps[1] == segmenter_train.SEG_STEPS_MIN and steps[-1] == segmenter_train.SEG_STEPS_MAX
+    assert steps[3] == segmenter_train.SEG_EPOCHS * 400 // 8 and steps == sorted(steps)
     for n in (3, 4, 13, 2000):
-        fit, held = evaluation.holdout_split(n)
+        fit, held = segmenter_train.holdout_split(n)
         assert sorted(fit + held) == list(range(n)) and not set(fit) & set(held)
         assert len(held) == (0 if n < 4 else 1 if n < 10 else max(2, round(0.1 * n)))
-    assert evaluation.holdout_split(13) == evaluation.holdout_split(13)
+    assert segmenter_train.holdout_split(13) == segmenter_train.holdout_split(13)
 
 
 @pytest.mark.slow
@@ -403,13 +423,13 @@ def test_eval_says_what_the_segmenter_costs_holds_out_and_reuses_the_cache(tmp_p
                               device="cpu")
     lines = capsys.readouterr().out.splitlines()
     first = lines[0]
-    assert "4 steps" in first and "--segmenter FILE" in first and "--seg-steps 0" in first and "cached at" in first
+    assert "4 steps" in first and "--segmenter FILE" in first and "--seg_steps 0" in first and "cached at" in first
     assert any("s/step measured" in line for line in lines[1:3])
     held = res["metrics"]["mIoU (segmenter on held-out training images)"]
     assert held is not None and 0 <= held <= 1
     assert "200 real training images held out" in res["protocol"]["mIoU (segmenter on held-out training images)"]
     # the second evaluation trains nothing and still reports the held-out score stored with the segmenter
-    monkeypatch.setattr(evaluation, "train_segmenter", lambda *a, **k: pytest.fail("segmenter trained again"))
+    monkeypatch.setattr(segmenter_train, "train_segmenter", lambda *a, **k: pytest.fail("segmenter trained again"))
     res2 = evaluation.evaluate(ckpt, out=out, num=2, batch_size=4, save_images=False, progress=False, device="cpu")
     assert res2["metrics"]["mIoU (segmenter on held-out training images)"] == held
     assert "no --segmenter given" not in capsys.readouterr().out
@@ -426,7 +446,7 @@ def test_ecgan_label_generator_is_cached_and_progress_false_is_silent(tmp_path, 
     assert "\r" not in cap.err + cap.out  # --progress false: no bar, the segmenter's included
     cached = list((tmp_path / "cache").glob("G_l_synthetic_32x64_3steps_*.pt"))
     assert len(cached) == 1 and (tmp_path / "a" / "segmenter.pt").read_bytes() == cached[0].read_bytes()
-    monkeypatch.setattr(evaluation, "train_segmenter", lambda *a, **k: pytest.fail("G_l trained again"))
+    monkeypatch.setattr(segmenter_train, "train_segmenter", lambda *a, **k: pytest.fail("G_l trained again"))
     train.main(argv + ["--out", str(tmp_path / "b")])  # a new run (another Table 3 row) on the same data
     assert (tmp_path / "b" / "segmenter.pt").read_bytes() == cached[0].read_bytes()
     assert "cached at" in capsys.readouterr().out
