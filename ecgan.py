@@ -20,7 +20,8 @@ Map of this file (Fig. 1 of the paper):
                               (naive, and chunked with its gradient computed block by block)
     ECGANConfig, TABLE3       every hyperparameter, and the ablation rows of Table 3 as switches
     ECGANGenerator            E (GauGAN head + trunk) -> G_e, G_i, G_t -> G_s -> I''; G_l, G_c alongside
-    model interface           Config, build, g_step (Eq. 10), d_step (Eqs. 8, 9 on one multi-modality D), sample
+    model interface           Config, build, g_step (Eq. 10), d_step (Eqs. 8, 9 on one multi-modality D), sample;
+                              needs_edges, needs_segmenter: what train.py must give it (real edges, a trained G_l)
 
 Choices where the paper is silent (each is named again where it is made):
     - I_g (Eq. 7) is an auxiliary output: Eq. 6's L1 and Eq. 5 shape the shared feature F that G_e, G_i and G_s
@@ -171,7 +172,7 @@ def make_label_generator(cfg, info):
     if cfg.segmenter:
         if not os.path.isfile(cfg.segmenter):
             raise FileNotFoundError(f"ecgan.py: ECGANConfig.segmenter={cfg.segmenter!r} does not exist (train one "
-                                    f"with eval.train_segmenter, or leave it empty for an untrained one)")
+                                    f"with segmenter_train.train_segmenter, or leave it empty for an untrained one)")
         net = segmenter.load_segmenter(cfg.segmenter, info)
     else:
         # untrained: fine for tests and for loading a checkpoint (its weights are in G's state dict); train.py
@@ -836,6 +837,18 @@ def d_step(G, D, batch, cfg):
         l_fake = l_fake + cfg.lambda_c * w * gaugan.d_loss_term(fake_p, False, cfg.gan_loss)
         l_real = l_real + cfg.lambda_c * w * gaugan.d_loss_term(real_p, True, cfg.gan_loss)
     return l_fake + l_real, {"D_fake": l_fake.detach(), "D_real": l_real.detach()}
+
+
+def needs_edges(cfg):
+    """The batch must carry real Canny edges I_e (data.prepare_batch(..., edges=True)): G_e is judged against them
+    (Eq. 8)."""
+    return cfg.use_edge
+
+
+def needs_segmenter(cfg):
+    """G_l is a frozen segmenter trained on real images, read from cfg.segmenter; "" asks the training script to
+    train one (train.py does, before step 1) (Sec. 3.2)."""
+    return cfg.use_label_gen
 
 
 def G_module(G):

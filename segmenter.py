@@ -1,7 +1,8 @@
 """
 The built-in segmenter: a small fully convolutional net (an FCN / DeepLab in miniature), trained on REAL training
-images only (eval.train_segmenter). It stands in for the papers' DRN-D-105 / UperNet-101 / DeepLab-v2 when eval.py
-measures mIoU (its numbers are not comparable with theirs), and ECGAN's label generator G_l (ecgan.py) wraps it.
+images only (segmenter_train.train_segmenter). It stands in for the papers' DRN-D-105 / UperNet-101 / DeepLab-v2
+when eval.py measures mIoU (its numbers are not comparable with theirs), and ECGAN's label generator G_l
+(ecgan.py) wraps it.
 Imports torch only, so that ecgan.py can be copied out with it and nothing else.
 
     Segmenter          image (B, 3, H, W) in [-1, 1] -> logits (B, label_nc, H, W)
