@@ -5,7 +5,10 @@ One training script for every model in this repo: GauGAN (the shared backbone), 
     torchrun --nproc_per_node=8 train.py --model ecgan --dataset cityscapes --dataroot /data/cityscapes
 
 Every model file (gaugan.py, lggan.py, ecgan.py) exposes the same five names, so this loop knows nothing about
-any one model:  Config (a dataclass), build(cfg, info) -> (G, D), g_step, d_step, sample.
+any one model:  Config (a dataclass), build(cfg, info) -> (G, D), g_step, d_step, sample. What a model needs
+beyond them it says through optional names in its file (absent: nothing): needs_edges(cfg) (real Canny edges in
+the batch), needs_segmenter(cfg) (a frozen segmenter read from cfg.segmenter; "" and this script trains one on the
+real images first) and TASK_DEFAULTS ({task: {field: value}}, the paper's settings for a task).
 Command-line flags are generated from TrainConfig and from the chosen model's Config: a new dataclass field is a
 new flag. The resolved configuration is written to <out>/config.json.
 
@@ -88,8 +91,8 @@ class TrainConfig:
     compile: bool = False         # torch.compile G and D
     vgg: str = ""                 # VGG19 weights (torchvision layout): a path or URL; "" or off: no perceptual loss
     vgg_input: str = "imagenet"   # VGG input: "imagenet" statistics (ours) | "raw" [-1, 1] (GauGAN's public code)
-    segmenter_steps: int = 600    # ECGAN only: steps to train the built-in label generator when none is given
-    cache_dir: str = ""           # ECGAN: trained G_l segmenters, keyed by data, size and steps ("": <out>/../cache)
+    segmenter_steps: int = 600    # a model's own segmenter (ECGAN's G_l), when none is given: its training steps
+    cache_dir: str = ""           # ... and where it is cached, keyed by data, size and steps ("": <out>/../cache)
     max_bad_steps: int = 10       # stop after this many non-finite losses in a row
     progress: bool = True         # tqdm bar
 
@@ -230,7 +233,7 @@ def validate_run(tcfg, mcfg, module, info):
     device, no memory), the VGG file loads, a given ECGAN --segmenter file loads. Returns the VGG (or None)."""
     import warnings
     dry = mcfg
-    if getattr(mcfg, "use_label_gen", False) and hasattr(mcfg, "segmenter"):
+    if model_needs(module, "needs_segmenter", mcfg):
         own = not mcfg.segmenter or _own_segmenter_path(mcfg, tcfg)  # trained by the run when absent
         if not own or os.path.exists(mcfg.segmenter):
             import segmenter_train
@@ -238,7 +241,7 @@ def validate_run(tcfg, mcfg, module, info):
                 segmenter_train.load_segmenter(mcfg.segmenter, info)
             except segmenter_train.EvalError as e:
                 raise ConfigError(f"--segmenter: {e}") from None
-        dry = dataclasses.replace(mcfg, use_label_gen=False)  # G_l itself is loaded (or trained) later
+        dry = dataclasses.replace(mcfg, segmenter="")  # an untrained one: the file is loaded (or trained) later
     try:
         with warnings.catch_warnings(), torch.device("meta"):
             warnings.simplefilter("ignore")
@@ -543,8 +546,60 @@ def make_datasets(tcfg):
     return train_set, val_set
 
 
-def train(tcfg: TrainConfig, mcfg):
-    # --- processes: torchrun sets these; plain `python train.py` is a world of one
+# ----------------------------------------------------------------------------------------------------------------
+# one training process: set-up, one step, checkpoints and samples; train() below is the loop
+
+@dataclass
+class Run:
+    """What one training process holds between steps; the functions below read it and train() advances it."""
+    tcfg: TrainConfig
+    mcfg: object
+    module: object               # the model file (gaugan | lggan | ecgan): its five names do the model's work
+    out: str                     # run folder
+    rank: int
+    world: int
+    device: torch.device
+    info: data.DataInfo
+    train_set: object
+    sampler: DistributedSampler
+    per_epoch: int               # batches per epoch and process
+    fixed: dict                  # the fixed validation batch of the sample grid (dcgan's fixed noise)
+    G: torch.nn.Module           # G and D as trained: compiled and DDP-wrapped where asked
+    D: torch.nn.Module
+    G_raw: torch.nn.Module       # unwrapped references: checkpoints carry no module./_orig_mod. prefixes
+    D_raw: torch.nn.Module
+    D_for_g: torch.nn.Module     # the D that G's loss goes through (see build_models)
+    opt_G: torch.optim.Optimizer
+    opt_D: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp_dtype: object            # torch.bfloat16 | torch.float16 | None
+    vgg: object                  # VGG19 features for the perceptual loss, or None
+    step: int = 0                # optimiser steps done
+    saved_step: int = -1         # the step of the last checkpoint this process wrote (or resumed from)
+    bad_in_a_row: int = 0        # non-finite losses in a row
+    skipped: int = 0             # non-finite losses in all
+    loss_terms: list = dataclasses.field(default_factory=list)  # the G and D loss terms, from the first step
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def say(self, *args, **kw):  # rank 0 alone prints
+        if self.master:
+            print(*args, **kw)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+
+def model_needs(module, what, mcfg):
+    """A model's optional hook needs_edges(cfg) / needs_segmenter(cfg); a model without one needs neither."""
+    return getattr(module, what, lambda cfg: False)(mcfg)
+
+
+def start_processes(tcfg):
+    """(rank, world size, device). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; plain `python train.py` is a world
+    of one."""
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     use_cuda = tcfg.device == "cuda" or (tcfg.device == "auto" and torch.cuda.is_available())
@@ -560,32 +615,74 @@ def train(tcfg: TrainConfig, mcfg):
             dist.init_process_group(backend="nccl" if use_cuda else "gloo", store=store, rank=rank, world_size=world)
     if world > 1 and not use_cuda:  # CPU processes share the cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    master = rank == 0
-    say = print if master else (lambda *a, **k: None)
+    return rank, world, device
 
+
+def open_run_folder(tcfg, mcfg, out, say):
+    """(checkpoint, its path) to resume from, or (None, None); refuses a folder that holds another run."""
+    if not tcfg.resume:
+        # config.json too: a run killed before its first checkpoint still owns its folder
+        if (os.path.isdir(out) and any(n.startswith("ckpt") or n == "config.json" for n in os.listdir(out))
+                and not tcfg.overwrite):
+            raise ConfigError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+        return None, None
+    ckpt, path = find_resume_checkpoint(out, say)
+    if ckpt is None:
+        say(f"--resume: no checkpoint in {out}, starting from scratch")
+        return None, None
+    say(f"resuming from {path} at step {ckpt['step']}")
+    if ckpt["model"] != tcfg.model:
+        raise CheckpointError(f"{path}: checkpoint is of model {ckpt['model']!r}, not {tcfg.model!r}")
+    if config_differences(ckpt["model_cfg"], asdict(mcfg)):
+        raise CheckpointError(f"{path}: model config differs from the command line in "
+                              f"{describe_differences(ckpt['model_cfg'], asdict(mcfg))}")
+    return ckpt, path
+
+
+def build_models(tcfg, mcfg, module, info, device, world, ckpt):
+    """G, D (as trained), their raw references, the D that G's loss goes through, optimisers, AMP, and the step,
+    weights and optimiser states loaded from the checkpoint when resuming."""
+    G, D = module.build(mcfg, info)
+    G.to(device), D.to(device)
+    opt_G = torch.optim.Adam([p for p in G.parameters() if p.requires_grad], lr=mcfg.lr_g,
+                             betas=(mcfg.beta1, mcfg.beta2))
+    opt_D = torch.optim.Adam(D.parameters(), lr=mcfg.lr_d, betas=(mcfg.beta1, mcfg.beta2))
+    amp = tcfg.amp if tcfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    step = 0
+    if ckpt is not None:
+        G.load_state_dict(ckpt["G"]), D.load_state_dict(ckpt["D"])
+        opt_G.load_state_dict(ckpt["opt_G"]), opt_D.load_state_dict(ckpt["opt_D"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        step = ckpt["step"]
+    G_raw, D_raw = G, D
+    if tcfg.compile:
+        G, D = torch.compile(G), torch.compile(D)
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        G, D = DDP(G, device_ids=ids), DDP(D, device_ids=ids)
+    # G's loss is computed through D_raw (no DDP): D's gradients from the G step are never used, so they are not
+    # all-reduced; D's parameters are frozen during that step to skip computing them.
+    D_for_g = D_raw if not tcfg.compile else D
+    return dict(G=G, D=D, G_raw=G_raw, D_raw=D_raw, D_for_g=D_for_g, opt_G=opt_G, opt_D=opt_D, scaler=scaler,
+                amp_dtype=amp_dtype, step=step)
+
+
+def setup(tcfg: TrainConfig, mcfg):
+    """Everything before step 1: processes, run folder, seeds, data, checks, G_l, models, optimisers, resume. The
+    order is the random stream's: a resumed run draws exactly what a straight one does."""
+    rank, world, device = start_processes(tcfg)
+    say = print if rank == 0 else (lambda *a, **k: None)
     out = tcfg.out or os.path.join("runs", tcfg.model)
-    # ECGAN without --segmenter: the run trains its own G_l into its folder (below); set the path first, so
-    # that a resumed run's config matches the checkpoint's
-    train_own_segmenter = (hasattr(mcfg, "segmenter") and not mcfg.segmenter and
-                           getattr(mcfg, "use_label_gen", True))
-    if train_own_segmenter:
+    module = MODELS[tcfg.model]
+    # A model with a frozen segmenter and none given (ECGAN's G_l): the run trains one into its folder (below);
+    # the path is set first, so that a resumed run's config matches the checkpoint's
+    own_segmenter = model_needs(module, "needs_segmenter", mcfg) and not mcfg.segmenter
+    if own_segmenter:
         mcfg.segmenter = os.path.join(out, "segmenter.pt")
-    ckpt = None
-    if tcfg.resume:
-        ckpt, path = find_resume_checkpoint(out, say)
-        if ckpt is None:
-            say(f"--resume: no checkpoint in {out}, starting from scratch")
-        else:
-            say(f"resuming from {path} at step {ckpt['step']}")
-            if ckpt["model"] != tcfg.model:
-                raise CheckpointError(f"{path}: checkpoint is of model {ckpt['model']!r}, not {tcfg.model!r}")
-            if config_differences(ckpt["model_cfg"], asdict(mcfg)):
-                raise CheckpointError(f"{path}: model config differs from the command line in "
-                                      f"{describe_differences(ckpt['model_cfg'], asdict(mcfg))}")
-    # config.json too: a run killed before its first checkpoint still owns its folder
-    elif (os.path.isdir(out) and any(n.startswith("ckpt") or n == "config.json" for n in os.listdir(out))
-          and not tcfg.overwrite):
-        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    ckpt, path = open_run_folder(tcfg, mcfg, out, say)
 
     torch.manual_seed(tcfg.seed + rank)
     np.random.seed(tcfg.seed + rank)
@@ -597,248 +694,260 @@ def train(tcfg: TrainConfig, mcfg):
     if ckpt is not None and config_differences(ckpt["info"], asdict(info)):
         raise CheckpointError(f"{path}: dataset differs from the checkpoint's in "
                               f"{describe_differences(ckpt['info'], asdict(info))}")
-    module = MODELS[tcfg.model]
     vgg = validate_run(tcfg, mcfg, module, info)  # bad settings and files fail here, before anything is written
-    if master:
+    if rank == 0:
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
-
-    # ECGAN's label generator G_l is a frozen segmenter trained on real images only (never on generated ones).
-    if train_own_segmenter:
-        if master and not os.path.exists(mcfg.segmenter):
+    # The segmenter is trained on real images only (never on generated ones), then frozen inside G.
+    if own_segmenter:
+        if rank == 0 and not os.path.exists(mcfg.segmenter):
             own_label_generator(tcfg, info, train_set, device, mcfg.segmenter, say)
         if world > 1:
             dist.barrier()
 
-    G, D = module.build(mcfg, info)
-    G.to(device), D.to(device)
-    opt_G = torch.optim.Adam([p for p in G.parameters() if p.requires_grad], lr=mcfg.lr_g,
-                             betas=(mcfg.beta1, mcfg.beta2))
-    opt_D = torch.optim.Adam(D.parameters(), lr=mcfg.lr_d, betas=(mcfg.beta1, mcfg.beta2))
-    amp = tcfg.amp if tcfg.amp != "auto" else ("bf16" if use_cuda else "none")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    models = build_models(tcfg, mcfg, module, info, device, world, ckpt)
     if vgg is None:
         say("VGG19 weights not given (--vgg PATH_OR_URL): the VGG perceptual term (weight 10 in GauGAN, "
             "ECGAN's Eq. 10 and LGGAN's public code) is not in the loss")
     else:
         vgg.to(device)
-
-    step = 0
-    if ckpt is not None:
-        G.load_state_dict(ckpt["G"]), D.load_state_dict(ckpt["D"])
-        opt_G.load_state_dict(ckpt["opt_G"]), opt_D.load_state_dict(ckpt["opt_D"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
-
-    G_raw, D_raw = G, D  # unwrapped references: checkpoints carry no module./_orig_mod. prefixes
-    if tcfg.compile:
-        G, D = torch.compile(G), torch.compile(D)
-    if world > 1:
-        ids = [device.index] if use_cuda else None
-        G, D = DDP(G, device_ids=ids), DDP(D, device_ids=ids)
-    # G's loss is computed through D_raw (no DDP): D's gradients from the G step are never used, so they are not
-    # all-reduced; D's parameters are frozen during that step to skip computing them.
-    D_for_g = D_raw if not tcfg.compile else D
-
-    def write_config(loss_terms=None):
-        """loss_terms: the generator's loss terms as its first step reports them (G_vgg only with --vgg)."""
-        if master:
-            with open(os.path.join(out, "config.json"), "w") as fh:
-                json.dump({"train": asdict(tcfg), "model": asdict(mcfg), "info": asdict(info), "world_size": world,
-                           "loss_terms": loss_terms}, fh, indent=2)
-    write_config()
+    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=tcfg.seed,
+                                 drop_last=True)
+    run = Run(tcfg, mcfg, module, out, rank, world, device, info, train_set, sampler,
+              per_epoch=len(sampler) // tcfg.batch_size, fixed=None, vgg=vgg, **models)
+    run.saved_step = run.step if ckpt is not None else -1
+    write_config(run)
 
     # A fixed batch of validation labels for the sample grid (dcgan's fixed noise).
     n = min(tcfg.num_samples, len(val_set))
-    fixed = data.prepare_batch(next(iter(DataLoader(val_set, batch_size=n, shuffle=False))), info, device,
-                               edges=tcfg.model == "ecgan")
-
-    sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=tcfg.seed,
-                                 drop_last=True)
-    per_epoch = len(sampler) // tcfg.batch_size
-    if per_epoch == 0:
+    run.fixed = data.prepare_batch(next(iter(DataLoader(val_set, batch_size=n, shuffle=False))), info, device,
+                                   edges=model_needs(module, "needs_edges", mcfg))
+    if run.per_epoch == 0:
         raise ConfigError(f"dataset has {len(train_set)} samples, fewer than one batch of {tcfg.batch_size} "
                           f"per process")
-
     if ckpt is not None:  # only now: building the fixed batch above draws from the random stream
         set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+    return run
 
-    stop = {"signal": None}
 
-    def on_signal(signum, frame):  # only a flag: the loop saves between two steps, where the state is whole
-        stop["signal"] = signum
-    old_handlers = {s: signal.signal(s, on_signal) for s in STOP_SIGNALS}
+def write_config(run):
+    """<out>/config.json: the resolved configuration; loss_terms: the loss terms as the first step reports them
+    (G_vgg only with --vgg)."""
+    if run.master:
+        with open(os.path.join(run.out, "config.json"), "w") as fh:
+            json.dump({"train": asdict(run.tcfg), "model": asdict(run.mcfg), "info": asdict(run.info),
+                       "world_size": run.world, "loss_terms": run.loss_terms or None}, fh, indent=2)
 
-    def agree(*flags):
-        """Each flag OR-ed over the ranks, so that all of them stop (or fail) at the same step."""
-        if world == 1:
-            return [bool(f) for f in flags]
-        t = torch.tensor([float(bool(f)) for f in flags], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return [bool(v) for v in t.tolist()]
 
-    def state_dict():
-        rng = [get_rng_state()]
-        if world > 1:  # every rank's random stream
-            rng = [None] * world
-            dist.all_gather_object(rng, get_rng_state())
-        return {"model": tcfg.model, "model_cfg": asdict(mcfg), "train_cfg": asdict(tcfg), "info": asdict(info),
-                "G": G_raw.state_dict(), "D": D_raw.state_dict(), "opt_G": opt_G.state_dict(),
-                "opt_D": opt_D.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "step": step, "rng": rng}
-
-    saved = {"step": step if ckpt is not None else -1}
-
-    def checkpoint():
-        if saved["step"] == step:  # a second save of one step would push the previous step out of ckpt_prev.pt
+def epoch_batches(run, stops):
+    """The batches of the epoch the run is in, from where it stands (a resumed run skips what the epoch already
+    consumed), as (batch, failure): failure names a file that could not be read. A stop that killed a DataLoader
+    worker (a signal torch's handlers let through) gives (None, None): the loop's next agree() stops."""
+    tcfg = run.tcfg
+    epoch, offset = divmod(run.step, run.per_epoch)
+    run.sampler.set_epoch(epoch)
+    run.train_set.set_epoch(epoch)  # crops and flips from (seed, epoch, index): workers and resumes agree
+    indices = list(run.sampler)[offset * tcfg.batch_size:]  # skip what this epoch already consumed
+    loader = DataLoader(run.train_set, batch_size=tcfg.batch_size, sampler=indices, drop_last=True,
+                        num_workers=tcfg.workers, persistent_workers=False, pin_memory=run.device.type == "cuda",
+                        # its own generator: a worker seed drawn from the global stream at every new loader would
+                        # shift that stream on resume (mid-epoch) against a straight run
+                        generator=torch.Generator().manual_seed((tcfg.seed * 1000 + run.rank) * 1000 + epoch),
+                        worker_init_fn=_worker_ignores_stops)
+    batches = _start_workers(loader)
+    while True:
+        try:
+            batch, failure = next(batches), None
+        except StopIteration:
             return
-        saved["step"] = step
-        state = state_dict()  # collective under DDP: every rank takes part
-        if master:
-            save_checkpoint(state, out)
+        except data.DatasetError as e:  # a file that cannot be read: the loop saves the state reached, then fails
+            batch, failure = None, _error_text(e)
+        except RuntimeError as e:
+            if stops.signal is None or "DataLoader worker" not in str(e):
+                raise
+            batch, failure = None, None
+        yield batch, failure
 
-    def update(loss, opt):
-        """Backward and step, unless the loss is non-finite on some rank; returns whether it stepped."""
-        if not all_finite(loss, world):
-            return False
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        return True
 
-    def write_samples():
-        G_raw.eval()
-        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            cols = module.sample(G_raw, fixed)
-        G_raw.train()
-        inputs = [("label", data.colorize(fixed["label"], info.num_classes))]
-        if "image_a" in fixed:  # cross-view: the other view is the generator's input too
-            inputs.insert(0, ("I_a", fixed["image_a"]))
-        columns = [c for _, c in inputs] + [c.float() for c in cols.values()] + [fixed["image"]]
-        data.save_grid(columns, os.path.join(out, "samples", f"step_{step:06d}.png"),
-                       titles=[t for t, _ in inputs] + [*cols.keys(), "real"])
+def agree(run, *flags):
+    """Each flag OR-ed over the ranks, so that all of them stop (or fail) at the same step."""
+    if run.world == 1:
+        return [bool(f) for f in flags]
+    t = torch.tensor([float(bool(f)) for f in flags], device=run.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
 
-    bar = None
-    if master and tcfg.progress:
-        from tqdm import tqdm
-        bar = tqdm(total=tcfg.steps, initial=step, dynamic_ncols=True)
-    log = open(os.path.join(out, "log.jsonl"), "a") if master else None
-    bad_in_a_row, skipped, t0, loss_terms = 0, 0, time.time(), []
-    G.train(), D.train()
-    try:
-        while step < tcfg.steps:
-            epoch, offset = divmod(step, per_epoch)
-            sampler.set_epoch(epoch)
-            train_set.set_epoch(epoch)  # crops and flips from (seed, epoch, index): workers and resumes agree
-            indices = list(sampler)[offset * tcfg.batch_size:]  # skip what this epoch already consumed
-            loader = DataLoader(train_set, batch_size=tcfg.batch_size, sampler=indices, drop_last=True,
-                                num_workers=tcfg.workers, persistent_workers=False,
-                                pin_memory=use_cuda,
-                                # its own generator: a worker seed drawn from the global stream at every new
-                                # loader would shift that stream on resume (mid-epoch) against a straight run
-                                generator=torch.Generator().manual_seed((tcfg.seed * 1000 + rank) * 1000 + epoch),
-                                worker_init_fn=_worker_ignores_stops)
-            batches = _start_workers(loader)
-            while True:
-                # Stops and bad files are acted on here, between two steps, where the state is whole and all
-                # ranks agree on the step (one all_reduce per step).
-                try:
-                    batch, failure = next(batches), None
-                except StopIteration:
-                    break
-                except data.DatasetError as e:  # a file that cannot be read: save the state reached, then fail
-                    batch, failure = None, _error_text(e)
-                except RuntimeError as e:  # a worker killed by the stop too (a signal torch's handlers let through)
-                    if stop["signal"] is None or "DataLoader worker" not in str(e):
-                        raise
-                    batch, failure = None, None
-                stop_now, bad_data = agree(stop["signal"] is not None, failure is not None)
-                if bad_data:
-                    texts = [failure]
-                    if world > 1:  # rank 0 names the file another rank found
-                        texts = [None] * world
-                        dist.all_gather_object(texts, failure)
-                    checkpoint()
-                    raise data.DatasetError(f"{next(t for t in texts if t)} (stopped before step {step + 1}; the "
-                                            f"state is saved in {out}/ckpt_latest.pt: fix the file and --resume)")
-                if stop_now:
-                    checkpoint()
-                    say(f"\nstopped by signal at step {step}; checkpoint saved in {out}")
-                    return out
-                batch = data.prepare_batch(batch, info, device, edges=tcfg.model == "ecgan")
-                for opt in (opt_G, opt_D):
-                    for g in opt.param_groups:
-                        g["lr"] = g.setdefault("initial_lr", g["lr"]) * lr_factor(step, tcfg)
 
-                # --- generator step, then the discriminator step on the updated G (GauGAN's order)
-                D_raw.requires_grad_(False)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss_g, logs = module.g_step(G, D_for_g, batch, mcfg, vgg)
-                D_raw.requires_grad_(True)
-                ok_g = update(loss_g, opt_G)
-                loss_d, ok_d = None, False
-                # D is not updated when G's update was skipped: the step is taken again with the next batch, and
-                # D would get two updates against one of G's (and one against a G that did not move)
-                if ok_g:
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        loss_d, logs_d = module.d_step(G, D, batch, mcfg)
-                    logs.update(logs_d)
-                    ok_d = update(loss_d, opt_D)
-                    scaler.update()  # at least G's step ran (GradScaler needs one before update)
-                if not (ok_g and ok_d):
-                    # The non-finite part was not applied; a run of them means training has diverged.
-                    bad_in_a_row += 1
-                    skipped += 1
-                    d_text = f"{loss_d.item():.4g}" if loss_d is not None else "not computed"
-                    # G steps first (GauGAN's order): after a bad D loss, undoing G's update would need a copy of
-                    # G and its optimiser at every step, so it stands
-                    what = "neither G nor D updated" if not ok_g else "D not updated (G's update stands)"
-                    say(f"\nstep {step}: non-finite loss (G {loss_g.item():.4g}, D {d_text}): {what}; the step is "
-                        f"taken again with the next batch ({bad_in_a_row} in a row)")
-                    if bad_in_a_row >= tcfg.max_bad_steps:
-                        checkpoint()
-                        raise FloatingPointError(
-                            f"{bad_in_a_row} non-finite losses in a row at step {step}; the last good state is "
-                            f"saved in {out}/ckpt_latest.pt")
-                    continue
-                bad_in_a_row = 0
-                step += 1
+def train_step(run, batch):
+    """A generator step, then the discriminator step on the updated G (GauGAN's order). Returns the logs, or None
+    when a loss was non-finite (what was not applied is said and counted; too many in a row save and fail)."""
+    for opt in (run.opt_G, run.opt_D):
+        for g in opt.param_groups:
+            g["lr"] = g.setdefault("initial_lr", g["lr"]) * lr_factor(run.step, run.tcfg)
+    run.D_raw.requires_grad_(False)
+    with run.autocast():
+        loss_g, logs = run.module.g_step(run.G, run.D_for_g, batch, run.mcfg, run.vgg)
+    run.D_raw.requires_grad_(True)
+    ok_g = update(run, loss_g, run.opt_G)
+    loss_d, ok_d = None, False
+    # D is not updated when G's update was skipped: the step is taken again with the next batch, and D would get
+    # two updates against one of G's (and one against a G that did not move)
+    if ok_g:
+        with run.autocast():
+            loss_d, logs_d = run.module.d_step(run.G, run.D, batch, run.mcfg)
+        logs.update(logs_d)
+        ok_d = update(run, loss_d, run.opt_D)
+        run.scaler.update()  # at least G's step ran (GradScaler needs one before update)
+    if ok_g and ok_d:
+        run.bad_in_a_row = 0
+        return logs
+    # The non-finite part was not applied; a run of them means training has diverged.
+    run.bad_in_a_row += 1
+    run.skipped += 1
+    d_text = f"{loss_d.item():.4g}" if loss_d is not None else "not computed"
+    # G steps first (GauGAN's order): after a bad D loss, undoing G's update would need a copy of G and its
+    # optimiser at every step, so it stands
+    what = "neither G nor D updated" if not ok_g else "D not updated (G's update stands)"
+    run.say(f"\nstep {run.step}: non-finite loss (G {loss_g.item():.4g}, D {d_text}): {what}; the step is taken "
+            f"again with the next batch ({run.bad_in_a_row} in a row)")
+    if run.bad_in_a_row >= run.tcfg.max_bad_steps:
+        checkpoint(run)
+        raise FloatingPointError(f"{run.bad_in_a_row} non-finite losses in a row at step {run.step}; the last good "
+                                 f"state is saved in {run.out}/ckpt_latest.pt")
+    return None
 
-                if master:
-                    logs = {k: float(v) for k, v in logs.items()}
-                    log.write(json.dumps({"step": step, **logs}) + "\n")
-                    if not loss_terms:  # what the loss really holds, from the first step of this process
-                        loss_terms.extend(logs)
-                        write_config(loss_terms)
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix({k: f"{v:.3f}" for k, v in list(logs.items())[:4]})
-                    if step % tcfg.sample_every == 0 or step == tcfg.steps:
-                        write_samples()
-                if step % tcfg.ckpt_every == 0 or step == tcfg.steps:
-                    checkpoint()
-                if tcfg.stop_after and step >= tcfg.stop_after and step < tcfg.steps:
-                    checkpoint()
-                    say(f"\n--stop_after {tcfg.stop_after}: checkpoint saved in {out}; continue with --resume")
-                    return out
-                if step >= tcfg.steps:
-                    break
-    finally:
-        for s, h in old_handlers.items():
+
+def update(run, loss, opt):
+    """Backward and step, unless the loss is non-finite on some rank; returns whether it stepped."""
+    if not all_finite(loss, run.world):
+        return False
+    opt.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(opt)
+    return True
+
+
+def checkpoint(run):
+    """Save the state reached (every rank takes part: the random streams are gathered; rank 0 writes)."""
+    if run.saved_step == run.step:  # a second save of one step would push the previous step out of ckpt_prev.pt
+        return
+    run.saved_step = run.step
+    rng = [get_rng_state()]
+    if run.world > 1:  # every rank's random stream
+        rng = [None] * run.world
+        dist.all_gather_object(rng, get_rng_state())
+    if run.master:
+        save_checkpoint({"model": run.tcfg.model, "model_cfg": asdict(run.mcfg), "train_cfg": asdict(run.tcfg),
+                         "info": asdict(run.info), "G": run.G_raw.state_dict(), "D": run.D_raw.state_dict(),
+                         "opt_G": run.opt_G.state_dict(), "opt_D": run.opt_D.state_dict(),
+                         "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+                         "step": run.step, "rng": rng}, run.out)
+
+
+def write_samples(run):
+    """samples/step_NNNNNN.png: the fixed batch's inputs, the model's columns and the real images."""
+    fixed = run.fixed
+    run.G_raw.eval()
+    with torch.no_grad(), run.autocast():
+        cols = run.module.sample(run.G_raw, fixed)
+    run.G_raw.train()
+    inputs = [("label", data.colorize(fixed["label"], run.info.num_classes))]
+    if "image_a" in fixed:  # cross-view: the other view is the generator's input too
+        inputs.insert(0, ("I_a", fixed["image_a"]))
+    columns = [c for _, c in inputs] + [c.float() for c in cols.values()] + [fixed["image"]]
+    data.save_grid(columns, os.path.join(run.out, "samples", f"step_{run.step:06d}.png"),
+                   titles=[t for t, _ in inputs] + [*cols.keys(), "real"])
+
+
+def report(run, logs, log, bar):
+    """Rank 0, after each step: the log line, the loss terms in config.json (once), the bar, the sample grid."""
+    logs = {k: float(v) for k, v in logs.items()}
+    log.write(json.dumps({"step": run.step, **logs}) + "\n")
+    if not run.loss_terms:  # what the loss really holds, from the first step of this process
+        run.loss_terms.extend(logs)
+        write_config(run)
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in list(logs.items())[:4]})
+    if run.step % run.tcfg.sample_every == 0 or run.step == run.tcfg.steps:
+        write_samples(run)
+
+
+class StopSignals:
+    """SIGTERM and SIGINT only set a flag: the loop saves between two steps, where the state is whole."""
+
+    def __init__(self):
+        self.signal = None
+        self.old = {s: signal.signal(s, self.on_signal) for s in STOP_SIGNALS}
+
+    def on_signal(self, signum, frame):
+        self.signal = signum
+
+    def restore(self):
+        for s, h in self.old.items():
             # After a stop the process is on its way out and a second signal must not cut that short: ignored
             # (SIG_IGN holds through interpreter shutdown), unless the caller had its own handler (a notebook's).
             default = h in (signal.SIG_DFL, signal.default_int_handler)
-            signal.signal(s, signal.SIG_IGN if stop["signal"] is not None and default else h)
+            signal.signal(s, signal.SIG_IGN if self.signal is not None and default else h)
+
+
+def fail_on_bad_file(run, failure):
+    """A file that cannot be read (on any rank): save the state reached, then raise naming the file."""
+    texts = [failure]
+    if run.world > 1:  # rank 0 names the file another rank found
+        texts = [None] * run.world
+        dist.all_gather_object(texts, failure)
+    checkpoint(run)
+    raise data.DatasetError(f"{next(t for t in texts if t)} (stopped before step {run.step + 1}; the state is saved "
+                            f"in {run.out}/ckpt_latest.pt: fix the file and --resume)")
+
+
+def train(tcfg: TrainConfig, mcfg):
+    run = setup(tcfg, mcfg)
+    edges = model_needs(run.module, "needs_edges", mcfg)
+    bar = None
+    if run.master and tcfg.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=tcfg.steps, initial=run.step, dynamic_ncols=True)
+    log = open(os.path.join(run.out, "log.jsonl"), "a") if run.master else None
+    stops = StopSignals()
+    t0 = time.time()
+    run.G.train(), run.D.train()
+    try:
+        while run.step < tcfg.steps:
+            for batch, failure in epoch_batches(run, stops):
+                # Stops and bad files are acted on here, between two steps, where the state is whole and all
+                # ranks agree on the step (one all_reduce per step).
+                stop_now, bad_data = agree(run, stops.signal is not None, failure is not None)
+                if bad_data:
+                    fail_on_bad_file(run, failure)
+                if stop_now:
+                    checkpoint(run)
+                    run.say(f"\nstopped by signal at step {run.step}; checkpoint saved in {run.out}")
+                    return run.out
+                logs = train_step(run, data.prepare_batch(batch, run.info, run.device, edges=edges))
+                if logs is None:  # a non-finite loss: nothing counted, the step is taken again
+                    continue
+                run.step += 1
+                if run.master:
+                    report(run, logs, log, bar)
+                if run.step % tcfg.ckpt_every == 0 or run.step == tcfg.steps:
+                    checkpoint(run)
+                if tcfg.stop_after and tcfg.stop_after <= run.step < tcfg.steps:
+                    checkpoint(run)
+                    run.say(f"\n--stop_after {tcfg.stop_after}: checkpoint saved in {run.out}; continue with "
+                            f"--resume")
+                    return run.out
+                if run.step >= tcfg.steps:
+                    break
+    finally:
+        stops.restore()
         if bar is not None:
             bar.close()
         if log is not None:
             log.close()
-    if master:
-        dt = time.time() - t0
-        say(f"done: {step} steps in {dt:.0f}s ({skipped} skipped); samples in {out}/samples, "
-            f"checkpoint {out}/ckpt_latest.pt")
-    return out
+    run.say(f"done: {run.step} steps in {time.time() - t0:.0f}s ({run.skipped} skipped); samples in "
+            f"{run.out}/samples, checkpoint {run.out}/ckpt_latest.pt")
+    return run.out
 
 
 def main(argv=None):

@@ -1,12 +1,16 @@
 """train.py: a few steps train, resume is bit-exact, DDP equals one process, bad input gives clear errors."""
+import dataclasses
 import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
 
+import data
+import gaugan
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -137,6 +141,35 @@ def test_ecgan_trains_its_own_label_generator_and_resumes(tmp_path):
     ckpt = train.load_checkpoint(tmp_path / "ckpt_latest.pt")
     assert ckpt["step"] == 2 and ckpt["model_cfg"]["segmenter"] == str(tmp_path / "segmenter.pt")
     assert (tmp_path / "segmenter.pt").read_bytes() == seg_bytes  # trained once, reused on resume
+
+
+@dataclasses.dataclass
+class HookedConfig(gaugan.GauGANConfig):
+    segmenter: str = ""  # a frozen segmenter's file, read as ECGAN's G_l reads it
+
+
+@pytest.mark.slow
+def test_what_a_model_needs_comes_from_its_hooks_not_its_name(tmp_path, monkeypatch):
+    """A model train.py does not know by name gets real edges and a segmenter trained for it when its file says so
+    (needs_edges, needs_segmenter); GauGAN, without the hooks, gets neither."""
+    seen, gaugan_g_step = [], gaugan.g_step
+
+    def g_step(G, D, batch, cfg, vgg=None):
+        seen.append(batch)
+        return gaugan_g_step(G, D, batch, cfg, vgg)
+    hooked = types.ModuleType("hooked")
+    hooked.Config, hooked.build, hooked.g_step, hooked.d_step, hooked.sample = (
+        HookedConfig, gaugan.build, g_step, gaugan.d_step, gaugan.sample)
+    hooked.needs_edges = hooked.needs_segmenter = lambda cfg: True
+    monkeypatch.setitem(train.MODELS, "hooked", hooked)
+    more = ["--steps", "1", "--batch_size", "2", "--segmenter_steps", "2", "--cache_dir", str(tmp_path / "cache")]
+    train.main([a if a != "gaugan" else "hooked" for a in TINY] + more + ["--out", str(tmp_path / "hooked")])
+    assert torch.equal(seen[-1]["edge"], data.canny(seen[-1]["image"]))
+    own = tmp_path / "hooked" / "segmenter.pt"
+    assert own.is_file() and json.load(open(tmp_path / "hooked" / "config.json"))["model"]["segmenter"] == str(own)
+    monkeypatch.setattr(gaugan, "g_step", g_step)
+    run(tmp_path / "plain", *more)
+    assert "edge" not in seen[-1] and not (tmp_path / "plain" / "segmenter.pt").exists()
 
 
 def test_paper_preset_without_vgg_is_refused_naming_the_flag(tmp_path, capsys):
