@@ -166,7 +166,7 @@ def bench_models(args, amp_dtype):
     H, W = args.size
     rows = []
     for name, module, cfg in model_configs(args.preset, args.ups):
-        info, batch = make_batch(args.batch, H, W, args.device, edges=module is ecgan)
+        info, batch = make_batch(args.batch, H, W, args.device, edges=train.model_needs(module, "needs_edges", cfg))
         if args.channels_last:
             batch = {k: (v.contiguous(memory_format=torch.channels_last) if torch.is_tensor(v) and v.dim() == 4
                          else v) for k, v in batch.items()}
@@ -191,7 +191,7 @@ def memory_scale(args, amp_dtype, budget=24 * 2**30, H=256, W=512):
     for name, module, cfg in model_configs(args.mem_preset, mem_ups(args)):
         peaks = []
         for B in (1, 2):
-            info, batch = make_batch(B, h, w, args.device, edges=module is ecgan, num_classes=35)  # Cityscapes
+            info, batch = make_batch(B, h, w, args.device, edges=train.model_needs(module, "needs_edges", cfg), num_classes=35)  # Cityscapes
             nets = build(module, cfg, info, args.device)
             G, D, G_run, D_run = nets[:4]
 

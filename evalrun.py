@@ -91,7 +91,8 @@ class Run:
 
     def prepare(self, batch):
         """A DataLoader batch of `val` as the model's sample() reads it, on the run's device."""
-        return data.prepare_batch(batch, self.info, self.device, edges=self.model == "ecgan")
+        needs_edges = getattr(self.module, "needs_edges", lambda cfg: False)(self.cfg)  # train.model_needs
+        return data.prepare_batch(batch, self.info, self.device, edges=needs_edges)
 
 
 def load_run(ckpt_path, device, dataset=None, dataroot=None):
