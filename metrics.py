@@ -10,6 +10,10 @@ metrics.py: the numbers eval.py reports besides FID, each with the protocol it f
                     2016), as LGGAN's cross-view tables report them; with the user's TorchScript scene classifier
                     (load_classifier, e.g. Places365): top-1/top-5 accuracy, KL and inception-style scores
                     (classifier_metrics).
+  sharper metrics   boundary mIoU / accuracy in a band of d pixels around label boundaries (boundary_band), the IoU
+                    of small classes (small_class_ids: pole, sign, person on the synthetic scenes), and class-
+                    conditional realism: per class, the sliced Wasserstein distance between 7x7 patches of generated
+                    and real images centred inside that class (ClassPatches, class_swd); no pretrained network.
 Pure functions of tensors, except load_classifier (a file) and eval_classes (data.py's Cityscapes ids).
 """
 
@@ -81,9 +85,18 @@ def eval_classes(info):
     return lut, len(data.CITYSCAPES_TRAIN_NAMES)
 
 
+def scored_label(label, info):
+    """The label map in eval_classes(info)'s ids (Cityscapes: train ids, 255 for every other id)."""
+    lut, _ = eval_classes(info)
+    if lut is None:
+        return label
+    lut = lut.to(label.device)
+    return lut[label.clamp(0, len(lut) - 1)]
+
+
 @torch.no_grad()
-def confusion_of(seg, image, label, info, ignore=()):
-    """Confusion matrix (n, n+1) of the segmenter on `image` against `label`, in eval_classes(info)'s ids. Where a
+def scored_prediction(seg, image, label, info):
+    """(pred, label, n): the segmenter's prediction on `image` and the label, both in eval_classes(info)'s ids. Where a
     lut applies, predictions over the dataset's label ids (the built-in segmenter) are mapped like the labels; a
     segmenter with exactly n outputs (a DRN exported over Cityscapes' 19 train ids) is read as predicting those."""
     lut, n = eval_classes(info)
@@ -92,11 +105,31 @@ def confusion_of(seg, image, label, info, ignore=()):
         logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
     pred = logits.argmax(1)
     if lut is not None:
-        lut = lut.to(label.device)
-        label = lut[label.clamp(0, len(lut) - 1)]
+        label = scored_label(label, info)
         if logits.shape[1] != n:
+            lut = lut.to(pred.device)
             pred = lut[pred.clamp(0, len(lut) - 1)]
+    return pred, label, n
+
+
+@torch.no_grad()
+def confusion_of(seg, image, label, info, ignore=()):
+    """Confusion matrix (n, n+1) of the segmenter on `image` against `label`, in eval_classes(info)'s ids
+    (scored_prediction says how predictions are mapped)."""
+    pred, label, n = scored_prediction(seg, image, label, info)
     return confusion_matrix(pred, label, n, ignore)
+
+
+@torch.no_grad()
+def confusions_of(seg, image, label, info, ignore=(), band_px=0):
+    """{"all": confusion_of's matrix, "band": the same counted only inside boundary_band(label, band_px)} (no "band"
+    when band_px is 0); one forward pass of the segmenter for both."""
+    pred, label, n = scored_prediction(seg, image, label, info)
+    out = {"all": confusion_matrix(pred, label, n, ignore)}
+    if band_px:
+        band = boundary_band(label, band_px, valid_mask(label, n, ignore))
+        out["band"] = confusion_matrix(pred[band], label[band], n, ignore)
+    return out
 
 
 def protocol_ids(info, ignore):
@@ -114,6 +147,163 @@ def segment(seg, image):
     if logits.shape[-2:] != image.shape[-2:]:
         logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
     return logits.argmax(1)
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Sharper metrics: boundary band, small objects, class-conditional patch realism
+
+# Small classes whose IoU is reported apart (what class-specific generation, LGGAN Eqs. 2-5 / ECGAN Eqs. 6-7,
+# claims to improve): the thin things of the synthetic scenes, and their Cityscapes train-id counterparts.
+SMALL_CLASS_NAMES = {"synthetic": ["pole", "sign", "person"],
+                     "cityscapes": ["pole", "traffic light", "traffic sign", "person", "rider"]}
+
+
+def default_band_px(height):
+    """The boundary band's half-width: 3 pixels at 64 pixels high, scaled with the height (at least 1)."""
+    return max(1, round(3 * height / 64))
+
+
+def valid_mask(label, n, ignore=()):
+    """(B, H, W) bool: pixels whose label is scored (an id in [0, n) not in `ignore`)."""
+    valid = (label >= 0) & (label < n)
+    for i in ignore:
+        valid &= label != i
+    return valid
+
+
+def boundary_band(label, d, valid=None):
+    """(B, H, W) bool: valid pixels within d pixels (Chebyshev distance, so a (2d+1)^2 window) of a valid pixel of
+    another class: a band d pixels wide on each side of every label boundary. Computed as max-pool != min-pool of
+    the label over the window, with invalid (dontcare / ignored) pixels set so they never raise the max nor lower
+    the min: a boundary against dontcare or the image border is not a boundary."""
+    if d < 1:
+        raise ValueError(f"boundary band of {d} pixels: expected d >= 1")
+    valid = torch.ones_like(label, dtype=torch.bool) if valid is None else valid
+    lab = label.float().unsqueeze(1)                                        # (B, 1, H, W)
+    v = valid.unsqueeze(1)
+    hi = torch.where(v, lab, torch.full_like(lab, -1.0))
+    lo = torch.where(v, lab, torch.full_like(lab, float(2 ** 20)))
+    k = 2 * d + 1
+    mx = F.max_pool2d(hi, k, stride=1, padding=d)
+    mn = -F.max_pool2d(-lo, k, stride=1, padding=d)
+    return ((mx > mn) & v).squeeze(1)
+
+
+def small_class_ids(info, given=None):
+    """Ids (eval_classes' ids) of the small classes: `given` (ids or class names, e.g. from --small_classes), else
+    SMALL_CLASS_NAMES for the dataset, else []. ValueError naming a class that is not one."""
+    _, n = eval_classes(info)
+    names = data.CITYSCAPES_TRAIN_NAMES if info.name == "cityscapes" else list(info.class_names or [])
+    wanted = given if given is not None else SMALL_CLASS_NAMES.get(info.name, [])
+    ids = []
+    for w in wanted:
+        w = str(w)
+        if w.lstrip("-").isdigit():
+            i = int(w)
+        elif w in names:
+            i = names.index(w)
+        else:
+            raise ValueError(f"small class {w!r}: not a class of {info.name} "
+                             f"({', '.join(names) if names else f'give ids 0..{n - 1}'})")
+        if not 0 <= i < n:
+            raise ValueError(f"small class {w!r}: expected an id in 0..{n - 1}")
+        ids.append(i)
+    return sorted(set(ids))
+
+
+def class_names_of(info):
+    """Name of each scored id (eval_classes' ids); the id as a string where the dataset names none."""
+    _, n = eval_classes(info)
+    names = data.CITYSCAPES_TRAIN_NAMES if info.name == "cityscapes" else list(info.class_names or [])
+    return [names[i] if i < len(names) else str(i) for i in range(n)]
+
+
+def small_object_iou(iou, ids):
+    """Mean IoU over the small classes present (finite per-class IoU); NaN when none is."""
+    vals = [iou[i] for i in ids if math.isfinite(iou[i])]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+class ClassPatches:
+    """A seeded uniform sample, without replacement, of at most `cap` k x k patches per class from a stream of image
+    batches: the patches whose centre pixel has that class (centres at least k // 2 from the border, so every patch
+    lies inside the image). Several image sets aligned to one label map (generated and real) are cut at the SAME
+    sampled centres, so they differ only by their pixels. The sample is exact over the whole stream: every candidate
+    centre gets a random key and the `cap` largest keys are kept (a reservoir), so memory is cap patches per class."""
+
+    def __init__(self, num_classes, names=("fake", "real"), cap=1024, k=7, seed=0, ignore=()):
+        if k < 1 or k % 2 == 0:
+            raise ValueError(f"patch size {k}: expected an odd size >= 1")
+        self.n, self.names, self.cap, self.k, self.ignore = num_classes, tuple(names), cap, k, set(ignore)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.keys = {c: torch.empty(0) for c in range(num_classes)}
+        self.store = {name: {c: None for c in range(num_classes)} for name in self.names}
+
+    def add(self, label, **images):
+        """label (B, H, W); images: name -> (B, C, H, W), one per name given at construction."""
+        if set(images) != set(self.names):
+            raise ValueError(f"ClassPatches.add: expected images {self.names}, got {tuple(images)}")
+        k, r = self.k, self.k // 2
+        label = label.cpu()
+        images = {name: im.detach().float().cpu() for name, im in images.items()}
+        B, H, W = label.shape
+        if H < k or W < k:
+            raise ValueError(f"images of {H}x{W}: too small for {k}x{k} patches")
+        inner = label[:, r:H - r, r:W - r].reshape(-1)                   # centres whose patch lies inside
+        h, w = H - 2 * r, W - 2 * r
+        dy = torch.arange(k).view(1, k, 1)
+        dx = torch.arange(k).view(1, 1, k)
+        for c in range(self.n):
+            if c in self.ignore:
+                continue
+            idx = (inner == c).nonzero().squeeze(1)
+            if len(idx) == 0:
+                continue
+            keys = torch.rand(len(idx), generator=self.gen)
+            if len(idx) > self.cap:  # only this batch's largest keys can be among the stream's largest
+                keys, top = keys.topk(self.cap)
+                idx = idx[top]
+            b, y, x = idx // (h * w), (idx % (h * w)) // w, idx % w  # (y, x): the patch's top-left corner
+            keys = torch.cat([self.keys[c], keys])
+            keep = keys.argsort(descending=True)[:self.cap]             # the largest keys first
+            self.keys[c] = keys[keep]
+            for name, im in images.items():
+                p = im[b.view(-1, 1, 1), :, y.view(-1, 1, 1) + dy, x.view(-1, 1, 1) + dx]  # (m, k, k, C)
+                p = p.permute(0, 3, 1, 2).reshape(len(b), -1)                             # (m, C * k * k)
+                old = self.store[name][c]
+                p = p if old is None else torch.cat([old, p])
+                self.store[name][c] = p[keep]
+
+    def patches(self, name):
+        """class -> (m, C * k * k) patches in random order (a prefix is a uniform subsample); absent classes left out."""
+        return {c: p for c, p in self.store[name].items() if p is not None}
+
+
+def sliced_wasserstein(a, b, num_proj=128, seed=0):
+    """Sliced Wasserstein-1 distance between two equal-sized point sets (n, D): the mean over num_proj random unit
+    directions (seeded: the same directions for every call with the same D) of the 1-D Wasserstein-1 distance of
+    the projections, which for equal counts is the mean absolute difference of the sorted values."""
+    if a.shape != b.shape or a.dim() != 2 or len(a) == 0:
+        raise ValueError(f"sliced_wasserstein: expected two non-empty (n, D) sets of one shape, got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(a.shape[1], num_proj, generator=g, dtype=torch.float64)
+    dirs = dirs / dirs.norm(dim=0, keepdim=True)
+    pa = (a.double() @ dirs).sort(0).values
+    pb = (b.double() @ dirs).sort(0).values
+    return float((pa - pb).abs().mean())
+
+
+def class_swd(patches_a, patches_b, min_patches=64, num_proj=128, seed=0):
+    """(per class {class: distance}, mean over the classes present in both sets with at least min_patches patches
+    each). Each class compares the first m patches of each set, m the smaller count (ClassPatches keeps them in
+    random order, so this is a uniform subsample of the larger set)."""
+    per = {}
+    for c in sorted(set(patches_a) & set(patches_b)):
+        m = min(len(patches_a[c]), len(patches_b[c]))
+        if m >= min_patches:
+            per[c] = sliced_wasserstein(patches_a[c][:m], patches_b[c][:m], num_proj, seed)
+    return per, (sum(per.values()) / len(per) if per else float("nan"))
 
 
 # -----------------------------------------------------------------------------------------------------------------

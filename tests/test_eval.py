@@ -484,3 +484,111 @@ def test_eval_and_resume_bad_input_gets_one_line(tmp_path):
     run_cli("train.py", ["--model", "lggan", "--height", "32", "--width", "64", "--out", run_dir, "--resume",
                          "--progress", "false"], out, r"ckpt_latest\.pt: checkpoint is of model 'gaugan', not 'lggan'")
     assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sharper metrics: boundary band, small objects, class-conditional patch realism
+
+def _naive_band(label, d, valid):
+    B, H, W = label.shape
+    out = torch.zeros_like(valid)
+    for b in range(B):
+        for y in range(H):
+            for x in range(W):
+                if not valid[b, y, x]:
+                    continue
+                for yy in range(max(0, y - d), min(H, y + d + 1)):
+                    for xx in range(max(0, x - d), min(W, x + d + 1)):
+                        if valid[b, yy, xx] and label[b, yy, xx] != label[b, y, x]:
+                            out[b, y, x] = True
+    return out
+
+
+def test_boundary_band_matches_naive_loops_and_ignores_dontcare():
+    g = torch.Generator().manual_seed(0)
+    label = torch.randint(0, 3, (2, 3, 4), generator=g).repeat_interleave(3, 1).repeat_interleave(3, 2)  # blocks
+    label[0, :2, :] = 3  # a dontcare strip
+    for d in (1, 2, 3):
+        valid = metrics.valid_mask(label, 3)
+        assert torch.equal(metrics.boundary_band(label, d, valid), _naive_band(label, d, valid)), d
+    # two halves: a band of d columns on each side; a dontcare gap between them is no boundary
+    halves = torch.tensor([0] * 4 + [1] * 4).repeat(1, 6, 1)
+    assert metrics.boundary_band(halves, 2)[0, 0].tolist() == [False] * 2 + [True] * 4 + [False] * 2
+    gap = torch.tensor([0, 0, 0, 9, 9, 1, 1, 1]).repeat(1, 5, 1)
+    valid = metrics.valid_mask(gap, 2)
+    assert not metrics.boundary_band(gap, 2, valid).any()  # the nearest other class is 3 columns away
+    assert metrics.boundary_band(gap, 3, valid)[0, 0].tolist() == [False, False, True, False, False, True, False, False]
+
+
+def test_boundary_confusion_counts_only_band_pixels():
+    info = data.DataInfo("synthetic", 2, False, True, 4, 8, class_names=["a", "b"])
+    label = torch.tensor([0] * 4 + [1] * 4).repeat(1, 4, 1)
+    pred = label.clone()
+    pred[:, :, 0] = 1  # wrong far from the boundary: not counted in a band of 1
+    pred[:, :, 4] = 0  # wrong inside the band
+
+    class Fixed(torch.nn.Module):
+        def forward(self, image):
+            return torch.nn.functional.one_hot(pred, 2).permute(0, 3, 1, 2).float()
+
+    c = metrics.confusions_of(Fixed(), torch.zeros(1, 3, 4, 8), label, info, band_px=1)
+    assert c["band"].sum() == 8 and c["all"].sum() == 32
+    band = metrics.segmentation_scores(c["band"])
+    assert band["accuracy"] == 0.5 and band["iou"] == [1 / 2, 0.0]  # class 0: tp 4, union 8; class 1: tp 0
+
+
+def test_small_class_ids_of_synthetic_and_cityscapes_and_bad_names():
+    syn = data.DataInfo("synthetic", 10, False, True, 4, 4, class_names=list(data.SYNTH_CLASSES))
+    assert [data.SYNTH_CLASSES[i] for i in metrics.small_class_ids(syn)] == ["pole", "sign", "person"]
+    assert metrics.small_class_ids(syn, ["car", "3"]) == [3, data.SYNTH_CLASSES.index("car")]
+    city = data.DataInfo("cityscapes", 35, False, True, 4, 4)
+    assert [data.CITYSCAPES_TRAIN_NAMES[i] for i in metrics.small_class_ids(city)] == [
+        "pole", "traffic light", "traffic sign", "person", "rider"]
+    with pytest.raises(ValueError, match="'lamp': not a class of synthetic"):
+        metrics.small_class_ids(syn, ["lamp"])
+    with pytest.raises(ValueError, match="'10': expected an id in 0..9"):
+        metrics.small_class_ids(syn, ["10"])
+    assert metrics.small_object_iou([0.5, float("nan"), 0.1, 0.9], [1, 2, 3]) == pytest.approx(0.5)
+
+
+def test_sliced_wasserstein_closed_forms():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(200, 1, generator=g)
+    assert metrics.sliced_wasserstein(a, a + 0.3) == pytest.approx(0.3)  # 1-D: directions are +-1, W1 of a shift
+    a = torch.randn(300, 5, generator=g)
+    assert metrics.sliced_wasserstein(a, a[torch.randperm(300, generator=g)]) == 0  # a set, not a sequence
+    v = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0])
+    dirs = torch.randn(5, 64, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    dirs = dirs / dirs.norm(dim=0, keepdim=True)
+    assert metrics.sliced_wasserstein(a, a + v, num_proj=64, seed=7) == pytest.approx(
+        float((v.double() @ dirs).abs().mean()))  # a shift by v moves each projection by v . theta
+
+
+def test_class_patch_swd_sanity_on_tiny_scenes():
+    """Identical sets: 0; a slightly perturbed set is nearer than noise; patches sit where their class is."""
+    g = torch.Generator().manual_seed(0)
+    label = torch.zeros(4, 16, 24, dtype=torch.long)
+    label[:, :, 12:] = 1
+    label[:, 6:10, 4:8] = 2  # a small class, 16 centre pixels per image
+    palette = torch.tensor([[0.8, 0.0, -0.8], [0.0, 0.0, 0.0], [-0.5, 0.0, 0.5]])
+    image = palette[label].permute(0, 3, 1, 2)  # a colour per class
+    image = image + 0.1 * torch.randn(image.shape, generator=g)
+    def sample(**imgs):
+        cp = metrics.ClassPatches(3, names=tuple(imgs), cap=128, k=3, seed=0, ignore=[1])
+        for i in range(0, 4, 2):  # two batches through the reservoir
+            cp.add(label[i:i + 2], **{k: v[i:i + 2] for k, v in imgs.items()})
+        return cp
+    cp = sample(real=image, same=image.clone(), near=image + 0.05 * torch.randn(image.shape, generator=g),
+                noise=torch.rand(image.shape, generator=g) * 2 - 1)
+    real = cp.patches("real")
+    assert sorted(real) == [0, 2] and len(real[2]) == 64 and len(real[0]) == 128  # class 1 ignored; all of class 2
+    centre = real[2].view(-1, 3, 3, 3)[:, :, 1, 1]
+    assert torch.allclose(centre.mean(0), torch.tensor([-0.5, 0.0, 0.5]), atol=0.05)  # class 2's colour
+    per, mean = metrics.class_swd(real, cp.patches("same"), min_patches=8)
+    assert mean == 0 and sorted(per) == [0, 2]
+    near = metrics.class_swd(real, cp.patches("near"), min_patches=8)[1]
+    noise = metrics.class_swd(real, cp.patches("noise"), min_patches=8)[1]
+    assert 0 < near < noise / 3
+    assert sorted(metrics.class_swd(real, cp.patches("noise"), min_patches=100)[0]) == [0]  # class 2: 64 patches
+    again = sample(real=image, same=image)
+    assert all(torch.equal(again.patches("real")[c], real[c]) for c in real)  # seeded: the same sample
