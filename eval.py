@@ -14,8 +14,11 @@ the CVPR 2020 LGGAN paper), one file per piece a reader looks for:
   fid.py              FID: pytorch-fid's InceptionV3 (--inception), pool3 features, Fréchet distance in float64.
                       Without the weights file: "FID (segmenter features)", not comparable with published FIDs.
   metrics.py          mIoU / pixel accuracy of a segmenter on the generated images (Cityscapes on its 19 train
-                      ids); cross-view SSIM, PSNR, sharpness difference and, with a scene classifier
-                      (--classifier), top-k accuracy, KL and inception-style scores
+                      ids), the same in a band of --band_px pixels around label boundaries, the IoU of the
+                      --small_classes, and class-conditional realism (sliced Wasserstein distance of 7x7 patches
+                      inside each class, generated vs real, no pretrained network); cross-view SSIM, PSNR,
+                      sharpness difference and, with a scene classifier (--classifier), top-k accuracy, KL and
+                      inception-style scores
   segmenter_train.py  the built-in segmenter (when no --segmenter is given): trained on real training images with
                       ~10% held out, cached, its score on real validation images reported as the ceiling
   figures.py          the papers' explanatory figures (--figures)
@@ -39,8 +42,10 @@ import data
 from evalrun import EvalError, load_run, one_line, pick_device
 from fid import FID_WEIGHTS_URL, fid_from_features, load_fid_inception
 from figures import make_figures
-from metrics import (PSNR_CAP, classifier_metrics, confusion_of, default_ignore, finite, load_classifier,
-                     protocol_ids, psnr, segmentation_scores, sharpness_difference, ssim, to_unit)
+from metrics import (PSNR_CAP, ClassPatches, class_names_of, class_swd, classifier_metrics, confusions_of,
+                     default_band_px, default_ignore, eval_classes, finite, load_classifier, protocol_ids, psnr,
+                     scored_label, segmentation_scores, sharpness_difference, small_class_ids, small_object_iou,
+                     ssim, to_unit)
 from segmenter_train import SEG_EPOCHS, SEG_STEPS_MAX, SEG_STEPS_MIN, find_segmenter, train_segmenter_cli
 
 
@@ -103,14 +108,24 @@ def _grow_grid(grid, b, cols, real, info, rows):
     return [torch.cat([a, c], 0)[:rows] for a, c in zip(grid[0], new)], titles
 
 
-def _accumulate(acc, nets, fake, real, label, info, ignore):
-    """Add one batch's features, confusion matrices, pixel scores and classifier logits to acc."""
+def _accumulate(acc, nets, fake, real, label, info, ignore, band_px=0):
+    """Add one batch's features, confusion matrices (whole image and boundary band), class patches, pixel scores and
+    classifier logits to acc."""
     if nets.features is not None:
         acc["feats"]["fake"].append(nets.features(fake).float().cpu())
         acc["feats"]["real"].append(nets.features(real).float().cpu())
     if nets.seg is not None:
         for key, img in (("fake", fake), ("real", real)):
-            acc["conf"][key] = acc["conf"][key] + confusion_of(nets.seg, img, label, info, ignore)
+            c = confusions_of(nets.seg, img, label, info, ignore, band_px)
+            acc["conf"][key] = acc["conf"][key] + c["all"]
+            if band_px:
+                acc["band"][key] = acc["band"][key] + c["band"]
+    if info.task != "crossview":  # class masks: the input label map is the generated image's layout
+        lab = scored_label(label, info)
+        acc["patches"].add(lab, fake=fake, real=real)  # the same centres in both: they differ only by pixels
+        for half, sl in (("a", slice(0, None, 2)), ("b", slice(1, None, 2))):  # real vs real: the floor
+            if len(lab[sl]):
+                acc["floor"][half].add(lab[sl], real=real[sl])
     if info.task == "crossview":
         uf, ur = to_unit(fake), to_unit(real)
         acc["pix"]["SSIM"].append(ssim(uf, ur).cpu())
@@ -121,11 +136,18 @@ def _accumulate(acc, nets, fake, real, label, info, ignore):
         acc["logits"]["real"].append(nets.clf(real).float().cpu())
 
 
-def generate(run, nets, out, n_total, batch_size, ignore, grid_rows=8, save_images=True, progress=True):
+def generate(run, nets, out, n_total, batch_size, ignore, grid_rows=8, save_images=True, progress=True, band_px=0,
+             patches_per_class=1024):
     """Sample G on the first n_total validation images, write them (<out>/{fake,real}/*.png and a grid of the first
-    grid_rows) and accumulate what the metrics need. Returns {"done": images, "feats", "conf", "pix", "logits"}."""
+    grid_rows) and accumulate what the metrics need. Returns {"done": images, "feats", "conf", "band", "patches",
+    "floor", "pix", "logits"}. Patches: at most patches_per_class per class, seeded (ClassPatches); the floor
+    compares the real images of even and odd index."""
+    n_cls = eval_classes(run.info)[1]
+    patches = lambda names, seed: ClassPatches(n_cls, names, cap=patches_per_class, seed=seed, ignore=ignore)
     acc = {"done": 0, "feats": {"real": [], "fake": []}, "logits": {"real": [], "fake": []},
-           "conf": {"real": 0, "fake": 0}, "pix": {"SSIM": [], "PSNR": [], "sharpness difference": []}}
+           "conf": {"real": 0, "fake": 0}, "band": {"real": 0, "fake": 0},
+           "patches": patches(("fake", "real"), 0), "floor": {"a": patches(("real",), 1), "b": patches(("real",), 2)},
+           "pix": {"SSIM": [], "PSNR": [], "sharpness difference": []}}
     grid = None
     (out / "fake").mkdir(exist_ok=True), (out / "real").mkdir(exist_ok=True)
     loader = torch.utils.data.DataLoader(run.val, batch_size=batch_size, shuffle=False)
@@ -144,7 +166,7 @@ def generate(run, nets, out, n_total, batch_size, ignore, grid_rows=8, save_imag
                     _save_png(fake[i], out / "fake" / f"{done + i:05d}.png")
                     _save_png(real[i], out / "real" / f"{done + i:05d}.png")
             grid = _grow_grid(grid, b, cols, real, run.info, grid_rows)
-            _accumulate(acc, nets, fake, real, b["label"], run.info, ignore)
+            _accumulate(acc, nets, fake, real, b["label"], run.info, ignore, band_px)
             acc["done"] += k
             bar.update(k)
         bar.close()
@@ -155,28 +177,67 @@ def generate(run, nets, out, n_total, batch_size, ignore, grid_rows=8, save_imag
     return acc
 
 
-def _segmentation_metrics(nets, acc, ignore, info, hw):
+def _segmentation_metrics(nets, acc, ignore, info, hw, band_px=0, small_ids=()):
     """mIoU and pixel accuracy on generated images, on real ones (the ceiling) and, for the built-in segmenter, on
-    the training images held out of its training; with their protocol."""
+    the training images held out of its training; the same in the boundary band, and the small classes' IoU; with
+    their protocol. Also per-class IoU (name -> [generated, real])."""
     sf, sr = segmentation_scores(acc["conf"]["fake"], ignore), segmentation_scores(acc["conf"]["real"], ignore)
     seg_proto = f"{nets.seg_desc}, labels at {hw}, {protocol_ids(info, ignore)}"
     metrics = {"mIoU": sf["mIoU"], "pixel accuracy": sf["accuracy"],
                "mIoU (real images: segmenter ceiling)": sr["mIoU"],
                "pixel accuracy (real images: segmenter ceiling)": sr["accuracy"]}
+    extra = {}
+    if band_px:
+        bf, br = segmentation_scores(acc["band"]["fake"], ignore), segmentation_scores(acc["band"]["real"], ignore)
+        metrics.update({"boundary mIoU": bf["mIoU"], "boundary pixel accuracy": bf["accuracy"],
+                        "boundary mIoU (real images: segmenter ceiling)": br["mIoU"],
+                        "boundary pixel accuracy (real images: segmenter ceiling)": br["accuracy"]})
+        extra.update({k: f"pixels within {band_px} px (a {2 * band_px + 1}x{2 * band_px + 1} window) of a pixel of "
+                         f"another scored class" for k in metrics if k.startswith("boundary")})
+    if small_ids:
+        names = class_names_of(info)
+        metrics["small-object IoU"] = small_object_iou(sf["iou"], small_ids)
+        metrics["small-object IoU (real images: segmenter ceiling)"] = small_object_iou(sr["iou"], small_ids)
+        for k in ("small-object IoU", "small-object IoU (real images: segmenter ceiling)"):
+            extra[k] = f"mean IoU of {', '.join(names[i] for i in small_ids)} (those present)"
     held = getattr(nets.seg, "holdout", None)
     if held:  # the segmenter's own accuracy on real training images it did not fit
         metrics["mIoU (segmenter on held-out training images)"] = held["mIoU"]
         metrics["pixel accuracy (segmenter on held-out training images)"] = held["accuracy"]
     protocol = {key: seg_proto + (f"; {held['num_images']} real training images held out of its training"
-                                  if "held-out" in key else "") for key in metrics}
-    return metrics, protocol
+                                  if "held-out" in key else "") + (f"; {extra[key]}" if key in extra else "")
+                for key in metrics}
+    per_class = {name: [finite(f), finite(r)] for name, f, r in zip(class_names_of(info), sf["iou"], sr["iou"])}
+    return metrics, protocol, per_class
 
 
-def measure(run, nets, acc, ignore, notes):
-    """(metrics, protocol): every number that applies to the run, each with the words that say how it was taken."""
+def _realism_metrics(acc, info, hw, num_proj=128, min_patches=64):
+    """Class-conditional realism: per class, the sliced Wasserstein distance between 7x7 patches of generated and real
+    images centred inside the class, the mean over classes with enough patches in both; and the same between the
+    real images of even and odd index (the floor a perfect generator would reach, up to its smaller sample)."""
+    cp = acc["patches"]
+    per, mean = class_swd(cp.patches("fake"), cp.patches("real"), min_patches, num_proj)
+    fa, fb = acc["floor"]["a"].patches("real"), acc["floor"]["b"].patches("real")
+    per_floor, mean_floor = class_swd(fa, fb, min_patches, num_proj)
+    names = class_names_of(info)
+    how = (f"{cp.k}x{cp.k} patches (RGB in [-1, 1]) centred inside each class's mask, at most {cp.cap} per class "
+           f"(seeded), sliced Wasserstein-1 over {num_proj} seeded directions, classes with >= {min_patches} patches "
+           f"in both sets; at {hw}")
+    metrics = {"class patch SWD": mean, "class patch SWD (real vs real: floor)": mean_floor}
+    protocol = {"class patch SWD": f"generated vs real images at the same centres, mean over {len(per)} classes; "
+                                   + how,
+                "class patch SWD (real vs real: floor)": f"real images of even vs odd index, mean over "
+                                                         f"{len(per_floor)} classes; " + how}
+    per_class = {names[c]: [per.get(c), per_floor.get(c)] for c in sorted(set(per) | set(per_floor))}
+    return metrics, protocol, per_class
+
+
+def measure(run, nets, acc, ignore, notes, band_px=0, small_ids=(), num_proj=128):
+    """(metrics, protocol, per_class): every number that applies to the run, each with the words that say how it
+    was taken; per class: IoU [generated, real] and patch SWD [generated vs real, floor]."""
     done, info, split = acc["done"], run.info, run.split
     hw = f"{info.height}x{info.width}"
-    metrics, protocol = {}, {}
+    metrics, protocol, per_class = {}, {}, {}
     if nets.features is not None:
         if done >= 2:
             feats = acc["feats"]
@@ -185,7 +246,12 @@ def measure(run, nets, acc, ignore, notes):
         else:
             notes.append(f"{nets.fid_key} skipped: needs at least 2 images")
     if nets.seg is not None:
-        m, p = _segmentation_metrics(nets, acc, ignore, info, hw)
+        m, p, per_class["IoU [generated, real]"] = _segmentation_metrics(nets, acc, ignore, info, hw, band_px,
+                                                                         small_ids)
+        metrics.update(m)
+        protocol.update(p)
+    if info.task != "crossview":
+        m, p, per_class["patch SWD [generated vs real, real vs real]"] = _realism_metrics(acc, info, hw, num_proj)
         metrics.update(m)
         protocol.update(p)
     if info.task == "crossview":
@@ -199,32 +265,43 @@ def measure(run, nets, acc, ignore, notes):
             protocol[key] = f"classifier {nets.clf_path}" + (
                 "; ground truth = its top-1 class on the real image" if "accuracy" in key else
                 "; KL(p_real || p_fake)" if key == "KL" else "")
-    return metrics, protocol
+    return metrics, protocol, per_class
 
 
 def evaluate(ckpt_path, dataset=None, dataroot=None, out=None, num=None, batch_size=8, device="auto",
              inception=None, segmenter=None, classifier=None, seg_steps=None, ignore=None, grid_rows=8,
-             save_images=True, progress=True):
+             save_images=True, progress=True, band_px=None, small_classes=None, patches_per_class=1024,
+             swd_projections=128):
     """Generate the validation set from a training checkpoint, compute every metric that applies, print a table and
     write <out>/metrics.json. Returns the results dict. Every input file is checked before anything is written or
-    trained. seg_steps None: the built-in segmenter's steps scale to the data (auto_segmenter_steps)."""
+    trained. seg_steps None: the built-in segmenter's steps scale to the data (auto_segmenter_steps). band_px None:
+    default_band_px of the run's height (0: no boundary metrics); small_classes None: the dataset's default list."""
     run = load_run(ckpt_path, pick_device(device), dataset, dataroot)                           # 1. load
     out = Path(out) if out else Path(run.path).parent / "eval"
     notes = []
+    band_px = default_band_px(run.info.height) if band_px is None else band_px
+    try:
+        small_ids = small_class_ids(run.info, small_classes)
+    except ValueError as e:
+        raise EvalError(f"--small_classes: {e}") from None
+    if not small_ids and run.info.task != "crossview":
+        notes.append(f"small-object IoU skipped: no small classes known for {run.info.name} (--small_classes)")
     nets = measurers(run, out, inception, segmenter, classifier, seg_steps, batch_size, notes, progress)
     ignore = sorted(set(default_ignore(run.info) if ignore is None else ignore))
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     n_total = min(num or len(run.val), len(run.val))
-    acc = generate(run, nets, out, n_total, batch_size, ignore, grid_rows, save_images, progress)  # 2. generate
-    metrics, protocol = measure(run, nets, acc, ignore, notes)                                   # 3. measure
+    acc = generate(run, nets, out, n_total, batch_size, ignore, grid_rows, save_images, progress,  # 2. generate
+                   band_px, patches_per_class)
+    metrics, protocol, per_class = measure(run, nets, acc, ignore, notes, band_px, small_ids,     # 3. measure
+                                           swd_projections)
     info = run.info
     results = {                                                                                 # 4. report
         "checkpoint": run.path, "model": run.model, "step": int(run.ckpt.get("step", 0)), "dataset": run.dataset,
         "split": run.split, "num_images": acc["done"], "resolution": f"{info.height}x{info.width}",
         "seconds": round(time.time() - t0, 1),
         "metrics": {k: None if v is None else finite(float(v)) for k, v in metrics.items()}, "protocol": protocol,
-        "notes": notes,
+        "per_class": per_class, "notes": notes,
         "images": {"fake": str(out / "fake"), "real": str(out / "real"), "grid": str(out / "grid.png")},
     }
     tmp = out / f"metrics.json.tmp{os.getpid()}"
@@ -285,6 +362,15 @@ def parse_args(argv=None):
     _flag(p, "--height", type=int, default=0,
           help="--train_segmenter only (else the checkpoint's); 0: the dataset's default")
     _flag(p, "--width", type=int, default=0, help="--train_segmenter only (else the checkpoint's)")
+    _flag(p, "--band_px", type=int, default=None,
+          help="boundary mIoU / accuracy: pixels within this distance of a label boundary (default: 3 at\n"
+               "64 pixels high, scaled with the height; 0: no boundary metrics)")
+    _flag(p, "--small_classes", nargs="*", default=None,
+          help="class names or ids whose mean IoU is the small-object IoU (default: pole sign person on\n"
+               "the synthetic scenes; Cityscapes: pole, traffic light, traffic sign, person, rider)")
+    _flag(p, "--patches_per_class", type=int, default=1024,
+          help="class patch SWD: at most this many 7x7 patches per class (a seeded sample)")
+    _flag(p, "--swd_projections", type=int, default=128, help="class patch SWD: random directions (seeded)")
     _flag(p, "--no_images", action="store_true", help="do not write the per-image PNG files")
     _flag(p, "--figures", action="store_true",
           help="write the papers' explanatory figures for --ckpt (LGGAN Figs. 12, 13; ECGAN Figs. 6, 7;\n"
@@ -296,10 +382,12 @@ def parse_args(argv=None):
 
 def _check_args(p, args):
     """One clear line (argparse's error) for a value out of range, before anything is read or written."""
-    for name in ("num", "batch_size"):
+    for name in ("num", "batch_size", "patches_per_class", "swd_projections"):
         v = getattr(args, name)
         if v is not None and v < 1:
             p.error(f"--{name} {v}: expected an integer >= 1")
+    if args.band_px is not None and args.band_px < 0:
+        p.error(f"--band_px {args.band_px}: expected an integer >= 0 (0: no boundary metrics)")
     if args.seg_steps is not None and args.seg_steps < 0:
         p.error(f"--seg_steps {args.seg_steps}: expected an integer >= 0 (0: no built-in segmenter)")
     for name in ("height", "width"):
@@ -333,7 +421,9 @@ def main(argv=None):
         return evaluate(args.ckpt, dataset=args.dataset, dataroot=args.dataroot, out=args.out, num=args.num,
                         batch_size=args.batch_size, device=args.device, inception=args.inception,
                         segmenter=args.segmenter, classifier=args.classifier, seg_steps=args.seg_steps,
-                        ignore=args.ignore, save_images=not args.no_images)
+                        ignore=args.ignore, save_images=not args.no_images, band_px=args.band_px,
+                        small_classes=args.small_classes, patches_per_class=args.patches_per_class,
+                        swd_projections=args.swd_projections)
     except (EvalError, ValueError) as e:  # ValueError: data.DatasetError, unknown dataset names
         print(f"eval.py: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)

@@ -592,3 +592,22 @@ def test_class_patch_swd_sanity_on_tiny_scenes():
     assert sorted(metrics.class_swd(real, cp.patches("noise"), min_patches=100)[0]) == [0]  # class 2: 64 patches
     again = sample(real=image, same=image)
     assert all(torch.equal(again.patches("real")[c], real[c]) for c in real)  # seeded: the same sample
+
+
+@pytest.mark.slow
+def test_eval_reports_boundary_small_object_and_patch_metrics_beside_their_ceilings(tmp_path):
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    ckpt.parent.mkdir()
+    _tiny_gaugan_checkpoint(ckpt)
+    res = evaluation.evaluate(ckpt, out=tmp_path / "eval", num=6, batch_size=3, seg_steps=3, save_images=False,
+                              progress=False, device="cpu", patches_per_class=64)
+    m, proto = res["metrics"], res["protocol"]
+    for key in ("boundary mIoU", "boundary pixel accuracy", "small-object IoU"):
+        assert 0 <= m[key] <= 1 and 0 <= m[f"{key} (real images: segmenter ceiling)"] <= 1
+    assert "within 2 px (a 5x5 window)" in proto["boundary mIoU"]  # 3 px at 64 high, round(1.5) = 2 at 32
+    assert "pole, sign, person" in proto["small-object IoU"]
+    assert m["class patch SWD"] > m["class patch SWD (real vs real: floor)"] > 0  # an untrained G is far from real
+    assert set(res["per_class"]["IoU [generated, real]"]) == set(data.SYNTH_CLASSES)
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"] == m
+    with pytest.raises(evaluation.EvalError, match="--small_classes: small class 'lamp': not a class of synthetic"):
+        evaluation.evaluate(ckpt, out=tmp_path / "eval", num=2, small_classes=["lamp"], seg_steps=0)
