@@ -4,8 +4,9 @@ DeepLab export: trained, cached, held out and scored here; its network and loade
 
 It stands in for the papers' DRN-D-105 (Cityscapes), UperNet-101 (ADE20K) and DeepLab-v2 (COCO-Stuff), so its
 numbers are not comparable with theirs. It is trained on REAL training images only (train_segmenter), for a number
-of steps scaled to the data (auto_segmenter_steps), with ~10% of them held out (holdout_split) to report its own
-accuracy; its mIoU on real validation images is the ceiling for generated ones. find_segmenter picks the user's
+of steps scaled to the data (auto_segmenter_steps), with flip / scale-crop / colour-jitter augmentation (augment),
+with ~10% of them held out (holdout_split) to report its own accuracy; its mIoU on real validation images is the
+ceiling for generated ones. A cached segmenter of another recipe (SEG_RECIPE) is not reused. find_segmenter picks the user's
 file, else a cached one, else trains one; `python eval.py --train_segmenter` runs train_segmenter_cli. ECGAN's
 label generator G_l is the same network, trained by train.py with train_segmenter.
 """
@@ -26,7 +27,9 @@ from evalrun import EvalError, pick_device, val_set
 from metrics import confusion_of, default_ignore, finite, protocol_ids, segmentation_scores
 from segmenter import Segmenter
 
-SEG_STEPS_MAX, SEG_STEPS_MIN, SEG_EPOCHS = 2000, 100, 8
+SEG_STEPS_MAX, SEG_STEPS_MIN, SEG_EPOCHS = 3000, 100, 12
+# The measuring segmenter's recipe, stored with it: a cached one of another recipe is retrained, never reused.
+SEG_RECIPE = f"augment flip+scale-crop+colour, {SEG_EPOCHS} epochs, {SEG_STEPS_MIN}..{SEG_STEPS_MAX} steps, v2"
 
 
 def _forever(loader, dataset):
@@ -40,8 +43,8 @@ def _forever(loader, dataset):
 
 def auto_segmenter_steps(n_images, batch_size=8):
     """Steps of the built-in segmenter scaled to the data: SEG_EPOCHS passes over the images it fits, at least
-    SEG_STEPS_MIN, at most SEG_STEPS_MAX (2000 on the 2000 synthetic scenes; 100 on a 13-image sample, where 2000
-    steps would be ~1500 epochs of memorising it)."""
+    SEG_STEPS_MIN, at most SEG_STEPS_MAX (2700 on the 1800 synthetic scenes it fits; 100 on a 13-image sample, where 1500
+    steps would be ~1000 epochs of memorising it)."""
     per_epoch = max(1, n_images // max(1, min(batch_size, n_images)))
     return int(min(SEG_STEPS_MAX, max(SEG_STEPS_MIN, SEG_EPOCHS * per_epoch)))
 
@@ -68,13 +71,42 @@ def segmenter_scores(seg, dataset, info, batch_size=8, device="cpu", ignore=None
     return {"mIoU": finite(s["mIoU"]), "accuracy": finite(s["accuracy"]), "num_images": n}
 
 
+def augment(image, label, gen, min_scale=0.6, jitter=0.2):
+    """Training jitter of the measuring segmenter, per image, drawn from `gen`: a horizontal flip (p = 0.5); a crop of
+    a random fraction in [min_scale, 1] of each side at a random place, resized back (image bilinear, label nearest);
+    brightness + U(-j, j), contrast and saturation x U(1 - j, 1 + j) around the image mean / the pixel's grey.
+    image (B, 3, H, W) in [-1, 1], label (B, H, W); returns both, the image clamped to [-1, 1]."""
+    B, _, H, W = image.shape
+    images, labels = [], []
+    for i in range(B):
+        u = torch.rand(7, generator=gen).tolist()
+        im, lab = image[i:i + 1], label[i:i + 1, None].float()
+        if u[0] < 0.5:
+            im, lab = im.flip(-1), lab.flip(-1)
+        sc = min_scale + (1 - min_scale) * u[1]
+        h, w = max(1, round(H * sc)), max(1, round(W * sc))
+        y, x = round((H - h) * u[2]), round((W - w) * u[3])
+        im = F.interpolate(im[..., y:y + h, x:x + w], size=(H, W), mode="bilinear", align_corners=False)
+        lab = F.interpolate(lab[..., y:y + h, x:x + w], size=(H, W), mode="nearest")
+        grey = im.mean(1, keepdim=True)
+        im = grey + (im - grey) * (1 - jitter + 2 * jitter * u[4])                  # saturation
+        im = im.mean() + (im - im.mean()) * (1 - jitter + 2 * jitter * u[5])        # contrast
+        im = im + jitter * (2 * u[6] - 1)                                           # brightness
+        images.append(im.clamp(-1, 1))
+        labels.append(lab[:, 0].long())
+    return torch.cat(images), torch.cat(labels)
+
+
 def train_segmenter(dataset, info, steps=2000, batch_size=8, device="cpu", out_path=None, width=32, lr=2e-3,
-                    seed=0, progress=True, say=None, extra=None):
+                    seed=0, progress=True, say=None, extra=None, augmented=False):
     """Train the built-in Segmenter with cross-entropy on the dataset's real images (never generated ones).
-    Dontcare pixels are not trained on. Saves {"kind": "segmenter", ...} (plus `extra`) atomically to out_path if
-    given. say(line): after two timed steps, the measured time per step and the estimated total."""
+    Dontcare pixels are not trained on. augmented: every batch goes through augment (the measuring segmenter;
+    ECGAN's G_l trains without, as its cache key in train.py assumes). Saves {"kind": "segmenter", ...} (plus
+    `extra`) atomically to out_path if given. say(line): after two timed steps, the measured time per step and the
+    estimated total."""
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
+    aug_gen = torch.Generator().manual_seed(seed + 1)
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
         torch.manual_seed(seed)
         seg = Segmenter(info.label_nc, width).to(device)
@@ -95,7 +127,10 @@ def train_segmenter(dataset, info, steps=2000, batch_size=8, device="cpu", out_p
             say(f"segmenter: {per:.2f} s/step measured, about {_duration(per * (steps - 3))} for the remaining "
                 f"{steps - 3} steps")
         batch = next(it)
-        image, label = batch["image"].to(device), batch["label"].to(device)
+        image, label = batch["image"], batch["label"]
+        if augmented:
+            image, label = augment(image, label, aug_gen)
+        image, label = image.to(device), label.to(device)
         loss = F.cross_entropy(seg(image), label, ignore_index=ignore_index)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -152,6 +187,11 @@ def find_segmenter(segmenter, folders, name, info, dataroot, seg_steps, batch_si
     # with; measuring with it would flatter ECGAN. Ours is trained separately (and with another seed).
     for cand in (cache_path(f, name, info) for f in folders):
         if cand.is_file():
+            recipe = _recipe_of(cand)
+            if recipe != SEG_RECIPE:
+                notes.append(f"ignored cached segmenter {cand}: trained with recipe {recipe!r}, not {SEG_RECIPE!r}")
+                print(f"note: {notes[-1]}", flush=True)
+                continue
             try:
                 seg = load_segmenter(cand, info, device)
             except EvalError as e:
@@ -169,22 +209,32 @@ def find_segmenter(segmenter, folders, name, info, dataroot, seg_steps, batch_si
     steps = auto_segmenter_steps(len(fit), batch_size) if seg_steps is None else seg_steps
     how = "scaled to the data" if seg_steps is None else "--seg_steps"
     print(f"no --segmenter given: training the built-in segmenter on {len(fit)} real {name} training images "
-          f"({len(held)} held out to measure it) for {steps} steps ({how}) at {size[0]}x{size[1]}, cached at "
+          f"({len(held)} held out to measure it) for {steps} steps ({how}; flip, scale-crop and colour "
+          f"jitter) at {size[0]}x{size[1]}, cached at "
           f"{cache} for the next evaluation. To skip this: --segmenter FILE (your DRN / UperNet / DeepLab "
           f"TorchScript export, or a cached segmenter_*.pt) or --seg_steps 0 (no mIoU / accuracy).", flush=True)
     t0 = time.time()
     with torch.random.fork_rng(devices=[]):  # the scoring below must not move the caller's stream either
         seg = train_segmenter(_Subset(jittered, fit), info, steps=steps, batch_size=batch_size, device=device,
-                              progress=progress, seed=1, say=lambda line: print(line, flush=True))
+                              progress=progress, seed=1, say=lambda line: print(line, flush=True), augmented=True)
     holdout = None
     if held:
         holdout = segmenter_scores(seg, _Subset(plain, held), info, batch_size, device)
         holdout["fit"] = segmenter_scores(seg, _Subset(plain, fit), info, batch_size, device, num=64)
-    save_segmenter(seg, info, steps, cache, holdout=holdout, num_fit=len(fit))
+    save_segmenter(seg, info, steps, cache, holdout=holdout, num_fit=len(fit), recipe=SEG_RECIPE)
     seg.holdout = holdout
     print(f"segmenter trained in {_duration(time.time() - t0)}", flush=True)
     _note_holdout(seg, notes, say=True)
     return seg, f"built-in segmenter {cache} ({steps} steps on {len(fit)} images)"
+
+
+def _recipe_of(path):
+    """The recipe a cached built-in segmenter was trained with (None: an older file without one, or not readable)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None  # load_segmenter names the problem if the file is used
+    return ckpt.get("recipe") if isinstance(ckpt, dict) else None
 
 
 def _note_holdout(seg, notes, say=False):

@@ -611,3 +611,33 @@ def test_eval_reports_boundary_small_object_and_patch_metrics_beside_their_ceili
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"] == m
     with pytest.raises(evaluation.EvalError, match="--small_classes: small class 'lamp': not a class of synthetic"):
         evaluation.evaluate(ckpt, out=tmp_path / "eval", num=2, small_classes=["lamp"], seg_steps=0)
+
+
+def test_cached_segmenter_of_another_recipe_is_not_reused(tmp_path):
+    info = data.DataInfo("synthetic", 10, False, True, 32, 64, class_names=list(data.SYNTH_CLASSES))
+    seg = segmenter.Segmenter(info.label_nc, width=4)
+    path = segmenter_train.cache_path(tmp_path, "synthetic", info)
+    segmenter_train.save_segmenter(seg, info, 5, path)  # an older file: no recipe
+    notes = []
+    found = segmenter_train.find_segmenter(None, [tmp_path], "synthetic", info, None, 0, 8, "cpu", notes)
+    assert found == (None, None) and "ignored cached segmenter" in notes[0] and "None" in notes[0]
+    segmenter_train.save_segmenter(seg, info, 5, path, recipe=segmenter_train.SEG_RECIPE)
+    found, desc = segmenter_train.find_segmenter(None, [tmp_path], "synthetic", info, None, 0, 8, "cpu", [])
+    assert found is not None and str(path) in desc
+
+
+def test_segmenter_augment_moves_image_and_label_together():
+    g = torch.Generator().manual_seed(0)
+    label = torch.randint(0, 4, (6, 2, 4)).repeat_interleave(8, 1).repeat_interleave(8, 2)  # 16x32, 8px blocks
+    palette = torch.tensor([[-1.0, -1.0, -1.0], [1.0, -1.0, -1.0], [-1.0, 1.0, -1.0], [-1.0, -1.0, 1.0]]) * 0.5
+    image = palette[label].permute(0, 3, 1, 2)
+    img, lab = segmenter_train.augment(image, label, g)
+    assert img.shape == image.shape and lab.shape == label.shape and img.abs().max() <= 1
+    assert not torch.equal(lab, label)  # something moved
+    # colour jitter is affine per image and keeps the class order along the dominant channel: the brightest red
+    # pixels are class 1 wherever the label says class 1 (up to the resampled borders)
+    for i in range(6):
+        inside = lab[i] == 1
+        if inside.any():
+            red = img[i, 0]
+            assert red[inside].median() > red[~inside].median()
