@@ -6,16 +6,26 @@ eval.evaluate, mean and spread over seeds, printed and written as markdown.
     python tables.py gaugan12 --budget_steps 2000 --seeds 0 1    # LGGAN++ Table 12 subset + LGGAN++
     python tables.py ecgan3   --budget_steps 2000 --seeds 0 1    # ECGAN Table 3 (ecgan.TABLE3)
     python tables.py lggan9 --budget_steps 20 --seeds 0 1 --height 32 --width 64   # a smoke run
+    python tables.py sanity --ckpt RUN/ckpt_latest.pt    # do the metrics rank real < trained < untrained < noise?
 Flags tables.py does not know go to every train.py run (e.g. `--ngf 8 --batch_size 8`).
+
+Resumable: each (row, seed) writes <out>/<table>/<row>/seed<k>/result.json (atomically) when it has been trained and
+measured; a rerun with the same settings skips it (and says so), so a table can be built over several sittings and a
+crash loses only the unfinished run. The table is rendered from every result present.
 
 Protocol: each (row, seed) trains from scratch for --budget_steps steps into <out>/<table>/<row>/seed<k>; every row
 is measured by ONE built-in segmenter (trained once on real training images, seed 1, cached in <out>) on the first
 --num validation images: mIoU and pixel accuracy of its predictions on generated images, and the Fréchet distance of
-its pooled features ("FID (segmenter features)": not comparable with published FIDs). ECGAN rows with G_l share one
+its pooled features ("FID (segmenter features)": not comparable with published FIDs), boundary mIoU (a band of
+eval.py's --band_px around label boundaries), small-object IoU and the class patch SWD (eval.py's metrics, each
+beside its segmenter ceiling / real-vs-real floor in the header). ECGAN rows with G_l share one
 label generator trained separately (seed 0), so the measuring segmenter is never the one G was trained to agree with.
-Wall time is the training time of one seed (mean over seeds) on this machine.
+Wall time is the training time of one seed (mean over seeds) on this machine. Values are mean ± half the range
+over seeds; a row whose range overlaps the best row's range is tied with it (the last column names, per metric,
+where a row is best or tied).
 """
 import json
+import os
 import re
 import statistics
 import sys
@@ -79,8 +89,44 @@ def mean_spread(xs):
     return f"{m:.3f} ± {(max(xs) - min(xs)) / 2:.3f}" if len(xs) > 1 else f"{m:.3f}"
 
 
+def train_and_measure(argv, run, seg_path, num, device):
+    """One (row, seed): train.main(argv) into `run`, then eval.evaluate its checkpoint with the table's segmenter.
+    Returns {"train_s", "metrics"}."""
+    import train
+    t0 = time.time()
+    train.main(argv)
+    t_train = time.time() - t0
+    res = evaluation.evaluate(run / "ckpt_latest.pt", out=run / "eval", num=num, segmenter=str(seg_path),
+                              save_images=False, progress=False, device=device)
+    return {"train_s": t_train, "metrics": res["metrics"]}
+
+
+def _write_json(path, obj):
+    """Write JSON atomically: a crash leaves the old file or none, never half of one."""
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _done(path, settings):
+    """The saved result of a finished (row, seed) run, or None if it has not finished. A result saved under other
+    settings (steps, size, flags) is an error naming the file: the table would mix two protocols."""
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None  # written atomically, so only a hand-edited file; run it again
+    if saved.get("settings") != settings:
+        diff = sorted(k for k in set(settings) | set(saved.get("settings", {}))
+                      if settings.get(k) != saved.get("settings", {}).get(k))
+        raise ValueError(f"{path}: saved with other settings ({', '.join(diff)}); use another --out or delete it")
+    return saved
+
+
 def run_table(name, budget_steps, seeds, out, train_args=(), height=64, width=128, dataset="synthetic", num=64,
-              seg_steps=300, gl_steps=300, device="auto", dataroot=None):
+              seg_steps=None, gl_steps=300, device="auto", dataroot=None):
     import data
     import train
     out = Path(out)
@@ -115,20 +161,44 @@ def run_table(name, budget_steps, seeds, out, train_args=(), height=64, width=12
         per_seed = []
         for seed in seeds:
             run = root / slug(row) / f"seed{seed}"
+            settings = {"dataset": dataset, "dataroot": str(dataroot) if dataroot else None, "height": height,
+                        "width": width, "budget_steps": budget_steps, "num": num, "row_flags": flags(over),
+                        "train_args": list(train_args)}
+            done = _done(run / "result.json", settings)
+            if done is not None:
+                print(f"[{name}] {row}, seed {seed}: done ({run / 'result.json'}), skipped", flush=True)
+                per_seed.append(done["result"])
+                continue
             argv = ["--model", model, "--dataset", dataset, *data_flags, "--height", str(height),
                     "--width", str(width),
                     "--steps", str(budget_steps), "--seed", str(seed), "--out", str(run), "--overwrite",
                     "--progress", "false", "--sample_every", str(budget_steps), "--ckpt_every", str(budget_steps),
                     *flags(over), *extra, *train_args]
             print(f"[{name}] {row}, seed {seed}: python train.py {' '.join(argv)}", flush=True)
-            t0 = time.time()
-            train.main(argv)
-            t_train = time.time() - t0
-            res = evaluation.evaluate(run / "ckpt_latest.pt", out=run / "eval", num=num, segmenter=str(seg_path),
-                                      save_images=False, progress=False, device=device)
-            per_seed.append({"seed": seed, "train_s": t_train, "metrics": res["metrics"]})
+            result = {"seed": seed, **train_and_measure(argv, run, seg_path, num, device)}
+            _write_json(run / "result.json", {"settings": settings, "result": result})
+            per_seed.append(result)
         results.append({"row": row, "model": model, "flags": " ".join(flags(over)), "runs": per_seed})
     return write_table(name, results, out, budget_steps, seeds, seg_desc, info, num, train_args)
+
+
+# The new metrics, after the papers' columns: (metric key in eval's metrics.json, column, higher is better, short)
+NEW_COLUMNS = [("boundary mIoU", "boundary mIoU ↑", True, "bnd"),
+               ("small-object IoU", "small-object IoU ↑", True, "small"),
+               ("class patch SWD", "patch SWD ↓", False, "SWD")]
+
+
+def tied_for_best(rows, higher=True):
+    """Indices of the rows tied for best in one metric: the row with the best mean and every row whose range over
+    seeds [min, max] overlaps that row's range. rows: one list of values (None: not measured) per row."""
+    spans = [(min(v), max(v), statistics.fmean(v)) if v else None
+             for v in ([x for x in xs if x is not None] for xs in rows)]
+    live = [i for i, sp in enumerate(spans) if sp is not None]
+    if not live:
+        return []
+    best = (max if higher else min)(live, key=lambda i: spans[i][2])
+    lo, hi = spans[best][:2]
+    return [i for i in live if spans[i][0] <= hi and spans[i][1] >= lo]
 
 
 def write_table(name, results, out, budget_steps, seeds, seg_desc, info, num, train_args):
@@ -136,22 +206,35 @@ def write_table(name, results, out, budget_steps, seeds, seg_desc, info, num, tr
     first = results[0]["runs"][0]["metrics"]
     if "FID" in first:
         fid_key = "FID"
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
     ceiling = first.get("mIoU (real images: segmenter ceiling)")
     lines = [f"{name}: {budget_steps} steps per run, seeds {list(seeds)}, {info.name} {info.height}x{info.width}, "
              f"{num} validation images, extra train.py flags: {' '.join(train_args) or 'none'}",
              f"measured by the {seg_desc}; its mIoU on real images (ceiling): "
-             f"{'n/a' if ceiling is None else f'{ceiling:.3f}'}; values are mean ± (max - min) / 2 over seeds",
+             f"{fmt(ceiling)}, boundary mIoU {fmt(first.get('boundary mIoU (real images: segmenter ceiling)'))}, "
+             f"small-object IoU {fmt(first.get('small-object IoU (real images: segmenter ceiling)'))}; "
+             f"patch SWD of real vs real images (floor): {fmt(first.get('class patch SWD (real vs real: floor)'))}; "
+             f"values are mean ± (max - min) / 2 over seeds",
              "",
-             f"| row | flags | mIoU ↑ | Acc ↑ | {fid_key} ↓ | train s / seed | paper, Cityscapes: mIoU / Acc / FID |",
-             "|---|---|---|---|---|---|---|"]
-    for r, paper in zip(results, PAPER[name], strict=True):
-        get = lambda k: [s["metrics"].get(k) for s in r["runs"]]
+             f"| row | flags | mIoU ↑ | Acc ↑ | {fid_key} ↓ | train s / seed | paper, Cityscapes: mIoU / Acc / FID | "
+             + " | ".join(col for _, col, _, _ in NEW_COLUMNS) + " | best or tied (ranges overlap) |",
+             "|---|---|---|---|---|---|---|" + "---|" * (len(NEW_COLUMNS) + 1)]
+    scored = [("mIoU", True, "mIoU"), ("pixel accuracy", True, "Acc"), (fid_key, False, "FID")] + [
+        (k, hi, short) for k, _, hi, short in NEW_COLUMNS]
+    values = lambda r, k: [s["metrics"].get(k) for s in r["runs"]]
+    ties = {short: tied_for_best([values(r, k) for r in results], hi) for k, hi, short in scored}
+    for i, (r, paper) in enumerate(zip(results, PAPER[name], strict=True)):
+        get = lambda k: values(r, k)
         t = statistics.fmean(s["train_s"] for s in r["runs"])
         cmd = f"--model {r['model']} {r['flags']}".strip()
         paper = " / ".join("-" if v is None else str(v) for v in paper)
+        best = ", ".join(short for _, _, short in scored if i in ties[short]) or "-"
         lines.append(f"| {r['row']} | `{cmd}` | "
                      f"{mean_spread(get('mIoU'))} | {mean_spread(get('pixel accuracy'))} | "
-                     f"{mean_spread(get(fid_key))} | {t:.0f} | {paper} |")
+                     f"{mean_spread(get(fid_key))} | {t:.0f} | {paper} | "
+                     + " | ".join(mean_spread(get(k)) for k, _, _, _ in NEW_COLUMNS) + f" | {best} |")
+    lines += ["", "Ties (the best row and every row whose range over seeds overlaps it): " + "; ".join(
+        f"{short}: {', '.join(results[i]['row'] for i in ties[short]) or 'n/a'}" for _, _, short in scored)]
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     out = Path(out)
@@ -161,26 +244,130 @@ def write_table(name, results, out, budget_steps, seeds, seg_desc, info, num, tr
     return results
 
 
+@torch.no_grad()
+def metric_sanity(ckpt, out, num=64, device="auto", batch_size=8, seed=0, seg_steps=None):
+    """Do the metrics rank what they should? The reference is the real images of the first `num` validation images;
+    four candidate sets are drawn on the layouts of the next `num`: real images, the trained checkpoint's, the same
+    generator freshly initialised (seed 0, untrained), and uniform noise in [-1, 1]. Class patch SWD (every candidate
+    cut at the same seeded centres; the reference at its own) should rank real < trained < untrained < noise; the
+    segmenter's mIoU / boundary mIoU / small-object IoU the other way (real = its ceiling). Writes
+    <out>/metric_sanity.{md,json}."""
+    import metrics as M
+    from evalrun import load_run
+    run = load_run(ckpt, pick_device(device))
+    info, val = run.info, run.val
+    n = min(num, len(val) // 2)
+    if n < 2:
+        raise EvalError(f"{run.dataset} ({run.split}) has {len(val)} images: the sanity check needs at least 4")
+    notes = []
+    seg, seg_desc = segmenter_train.find_segmenter(None, [Path(out)], run.dataset, info, run.dataroot, seg_steps,
+                                                   batch_size, run.device, notes)  # seg_steps 0: none, SWD only
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        untrained = run.module.build(run.cfg, info)[0].to(run.device).eval()
+    ignore = M.default_ignore(info)
+    n_cls = M.eval_classes(info)[1]
+    band_px = M.default_band_px(info.height)
+    small = M.small_class_ids(info)
+    names = ("real", "trained", "untrained", "noise")
+    ref = M.ClassPatches(n_cls, ("reference",), seed=seed, ignore=ignore)
+    cand = M.ClassPatches(n_cls, names, seed=seed + 1, ignore=ignore)
+    conf = {k: {"all": 0, "band": 0} for k in names}
+    gen = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val, range(2 * n)), batch_size=batch_size)
+    seen = 0
+    for batch in loader:
+        b = run.prepare(batch)
+        k = len(b["label"])
+        real, lab = b["image"].float(), M.scored_label(b["label"], info)
+        first = max(0, min(k, n - seen))  # images [0, n): the reference; [n, 2n): the candidates' layouts
+        if first:
+            ref.add(lab[:first], reference=real[:first])
+        if first < k:
+            sl = slice(first, k)
+            cb = {key: (v[sl] if torch.is_tensor(v) and len(v) == k else v) for key, v in b.items()}
+            sets = {"real": real[sl],
+                    "trained": run.module.sample(run.G, cb)["fake"].float().clamp(-1, 1),
+                    "untrained": run.module.sample(untrained, cb)["fake"].float().clamp(-1, 1),
+                    "noise": torch.rand(real[sl].shape, generator=gen).to(real.device) * 2 - 1}
+            cand.add(lab[sl], **sets)
+            if seg is not None:
+                for key, img in sets.items():
+                    c = M.confusions_of(seg, img, b["label"][sl], info, ignore, band_px)
+                    conf[key]["all"] = conf[key]["all"] + c["all"]
+                    conf[key]["band"] = conf[key]["band"] + c["band"]
+        seen += k
+    rows = {}
+    for key in names:
+        per, mean = M.class_swd(ref.patches("reference"), cand.patches(key))
+        row = {"class patch SWD": mean,
+               "per class": {M.class_names_of(info)[c]: v for c, v in per.items()}}
+        if seg is not None:
+            a, bd = M.segmentation_scores(conf[key]["all"], ignore), M.segmentation_scores(conf[key]["band"], ignore)
+            row.update({"mIoU": a["mIoU"], "boundary mIoU": bd["mIoU"],
+                        "small-object IoU": M.small_object_iou(a["iou"], small)})
+        rows[key] = row
+    swd = [rows[k]["class patch SWD"] for k in names]
+    ok = all(x < y for x, y in zip(swd, swd[1:]))
+    cols = ["class patch SWD"] + (["mIoU", "boundary mIoU", "small-object IoU"] if seg is not None else [])
+    fmt = lambda v: "n/a" if v is None or v != v else f"{v:.4f}"
+    lines = [f"Metric sanity: {run.dataset} {info.height}x{info.width}, reference = real images of {run.split} "
+             f"images 0..{n - 1}; every candidate set is drawn on the layouts of images {n}..{2 * n - 1}. "
+             f"Trained: {ckpt} ({run.model}, step {int(run.ckpt.get('step', 0))}); untrained: the same generator "
+             f"freshly initialised (seed {seed}); noise: uniform in [-1, 1].",
+             f"Class patch SWD: 7x7 patches centred in each class, at most 1024 per class (seeded), sliced "
+             f"Wasserstein-1 over 128 seeded directions, mean over classes with >= 64 patches in both sets. "
+             + (f"mIoU / boundary mIoU (band {band_px} px) / small-object IoU "
+                f"({', '.join(M.class_names_of(info)[i] for i in small)}): {seg_desc}; on real images it is the "
+                f"segmenter's ceiling." if seg is not None else "No segmenter: SWD only."),
+             "", "| candidate set | " + " | ".join(c + (" ↓" if "SWD" in c else " ↑") for c in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for key in names:
+        lines.append(f"| {key} | " + " | ".join(fmt(rows[key].get(c)) for c in cols) + " |")
+    lines += ["", f"SWD ranks real < trained < untrained < noise: {'yes' if ok else 'NO'}"]
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metric_sanity.md").write_text(text)
+    _write_json(out / "metric_sanity.json", {"rows": rows, "ranks_as_expected": ok, "num": n, "checkpoint": str(ckpt),
+                                             "notes": notes})
+    print(f"wrote {out / 'metric_sanity.md'} and metric_sanity.json")
+    return rows, ok
+
+
 def main(argv=None):
     import data
     import train
     p = data.ArgumentParser(description=__doc__.split("\n\n")[0],
                             epilog="Unknown flags are passed to every train.py run.")
-    p.add_argument("table", choices=sorted(TABLES))
-    p.add_argument("--budget_steps", type=int, required=True, help="training steps of every run")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("table", choices=sorted(TABLES) + ["sanity"])
+    p.add_argument("--budget_steps", type=int, default=None, help="training steps of every run (required for a table)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--ckpt", default=None, help="sanity: the trained checkpoint to rank")
     p.add_argument("--out", default="runs/tables")
     p.add_argument("--height", type=int, default=0, help="0: the dataset's default (synthetic 64x128, COCO 64x64)")
     p.add_argument("--width", type=int, default=0)
     p.add_argument("--dataset", default="synthetic", choices=data.NAMES)
     p.add_argument("--dataroot", default=None, help="root folder of a real dataset")
     p.add_argument("--num", type=int, default=64, help="validation images per evaluation")
-    p.add_argument("--seg_steps", type=int, default=300, help="steps of the measuring segmenter (trained once)")
+    p.add_argument("--seg_steps", type=int, default=None,
+                   help="steps of the measuring segmenter (trained once; default: scaled to the data)")
     p.add_argument("--gl_steps", type=int, default=300, help="steps of ECGAN's label generator G_l (trained once)")
     p.add_argument("--device", default="auto")
     args, train_args = p.parse_known_args(argv)
+    if args.table == "sanity":
+        if not args.ckpt:
+            p.error("sanity: --ckpt RUN/ckpt_latest.pt (a trained checkpoint) is required")
+        try:
+            return metric_sanity(args.ckpt, args.out, args.num, args.device, seg_steps=args.seg_steps)
+        except (EvalError, ValueError) as e:
+            print(f"tables.py: error: {one_line(e)}", file=sys.stderr)
+            sys.exit(2)
+    if args.budget_steps is None:
+        p.error(f"{args.table}: --budget_steps N is required")
     for name in ("budget_steps", "num", "seg_steps", "gl_steps"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < (0 if name == "seg_steps" else 1):
             p.error(f"--{name} {getattr(args, name)}: expected an integer >= 1")
     if min(args.seeds) < 0 or len(set(args.seeds)) != len(args.seeds):
         p.error(f"--seeds {' '.join(map(str, args.seeds))}: expected distinct integers >= 0")

@@ -57,3 +57,79 @@ def test_cli_bad_input_gets_one_line(tmp_path, args, pattern):
     from test_data import run_cli
     out = tmp_path / "out"
     run_cli("tables.py", [a.format(t=tmp_path) for a in args] + ["--out", out], out, pattern)
+
+
+def _fake_runner(calls, crash_at=None):
+    """Stands in for train + evaluate: metrics a function of (row, seed), optionally crashing on one run."""
+    def run(argv, run_dir, seg_path, num, device):
+        seed = int(argv[argv.index("--seed") + 1])
+        row = run_dir.parent.name
+        if (row, seed) == crash_at:
+            raise RuntimeError("killed mid-table")
+        calls.append((row, seed))
+        return {"train_s": 1.0, "metrics": {"mIoU": 0.1 * len(calls), "pixel accuracy": 0.5,
+                                            "boundary mIoU": 0.3, "class patch SWD": 0.2}}
+    return run
+
+
+def test_a_rerun_skips_finished_runs_and_a_crash_loses_only_the_unfinished_one(tmp_path, monkeypatch, capsys):
+    import segmenter_train
+    monkeypatch.setattr(segmenter_train, "find_segmenter", lambda *a, **k: (None, "no segmenter (test)"))
+    rows = [tables.slug(r) for r, _ in tables.table_rows("lggan9")]
+    args = ("lggan9", 2, [0, 1, 2], tmp_path)
+    kw = dict(height=32, width=64, num=2, device="cpu")
+    calls = []
+    monkeypatch.setattr(tables, "train_and_measure", _fake_runner(calls, crash_at=(rows[2], 1)))
+    with pytest.raises(RuntimeError, match="killed mid-table"):
+        tables.run_table(*args, **kw)
+    assert calls == [(r, s) for r in rows[:2] for s in (0, 1, 2)] + [(rows[2], 0)]
+    saved = sorted(p.parent.parent.name + "/" + p.parent.name for p in tmp_path.glob("lggan9/*/seed*/result.json"))
+    assert saved == sorted(f"{r}/seed{s}" for r, s in calls)  # every finished run kept, nothing else
+    assert not list(tmp_path.rglob("*.tmp*"))
+    first = {f"{r}/{s}": (tmp_path / "lggan9" / r / f"seed{s}" / "result.json").read_text() for r, s in calls}
+    calls2 = []
+    monkeypatch.setattr(tables, "train_and_measure", _fake_runner(calls2))
+    capsys.readouterr()
+    results = tables.run_table(*args, **kw)
+    assert calls2 == [(rows[2], 1), (rows[2], 2)] + [(r, s) for r in rows[3:] for s in (0, 1, 2)]
+    assert capsys.readouterr().out.count("skipped") == 7
+    assert all((tmp_path / "lggan9" / k.split("/")[0] / f"seed{k.split('/')[1]}" / "result.json").read_text() == v
+               for k, v in first.items())  # finished runs untouched
+    assert [len(r["runs"]) for r in results] == [3] * len(rows)
+    assert results[0]["runs"][1]["metrics"]["mIoU"] == pytest.approx(0.2)  # read back from the first sitting
+    calls3 = []
+    monkeypatch.setattr(tables, "train_and_measure", _fake_runner(calls3))
+    tables.run_table(*args, **kw)
+    assert calls3 == []
+    with pytest.raises(ValueError, match=r"seed0/result.json: saved with other settings \(budget_steps\)"):
+        tables.run_table("lggan9", 3, [0], tmp_path, **kw)
+
+
+def test_ties_are_rows_whose_range_overlaps_the_best_one():
+    assert tables.tied_for_best([[0.5, 0.6], [0.58, 0.7], [0.2, 0.3]]) == [0, 1]      # best: row 1 (mean 0.64)
+    assert tables.tied_for_best([[0.5, 0.6], [0.61, 0.7], [0.2, 0.3]]) == [1]          # no overlap: no tie
+    assert tables.tied_for_best([[3.0, 5.0], [4.9, 6.0], [1.0, 2.0]], higher=False) == [2]
+    assert tables.tied_for_best([[3.0, 5.0], [4.9, 6.0], [2.0, 3.0]], higher=False) == [0, 2]  # touching counts
+    assert tables.tied_for_best([[None], [0.4]]) == [1] and tables.tied_for_best([[None], []]) == []
+
+
+def test_write_table_shows_new_metrics_and_ties(tmp_path):
+    import types
+    info = types.SimpleNamespace(name="synthetic", height=32, width=64)
+    rows = tables.table_rows("lggan9")
+    miou = [[0.30, 0.34], [0.50, 0.60], [0.58, 0.62], [0.40, 0.44], [0.10, 0.12]]
+    swd = [[0.2, 0.3], [0.25, 0.26], [0.1, 0.12], [0.5, 0.6], [0.12, 0.19]]
+    results = [{"row": row, "model": "lggan", "flags": "", "runs": [
+        {"seed": s, "train_s": 5.0, "metrics": {"mIoU": miou[i][s], "class patch SWD": swd[i][s],
+                                                "mIoU (real images: segmenter ceiling)": 0.9}} for s in (0, 1)]}
+        for i, (row, _) in enumerate(rows)]
+    tables.write_table("lggan9", results, tmp_path, 10, [0, 1], "test segmenter", info, 8, [])
+    lines = (tmp_path / "table_lggan9.md").read_text().splitlines()
+    head = [c.strip() for c in lines[3].strip("|").split("|")]
+    assert head[7:] == ["boundary mIoU ↑", "small-object IoU ↑", "patch SWD ↓", "best or tied (ranges overlap)"]
+    body = [[c.strip() for c in l.strip("|").split("|")] for l in lines[5:10]]
+    assert [b[9] for b in body] == ["0.250 ± 0.050", "0.255 ± 0.005", "0.110 ± 0.010", "0.550 ± 0.050",
+                                    "0.155 ± 0.035"]
+    assert [b[10] for b in body] == ["-", "mIoU", "mIoU, SWD", "-", "SWD"]
+    assert "ceiling): 0.900" in lines[1]
+    assert lines[-1].startswith("Ties") and f"mIoU: {rows[1][0]}, {rows[2][0]}" in lines[-1]
