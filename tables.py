@@ -244,7 +244,34 @@ def write_table(name, results, out, budget_steps, seeds, seg_desc, info, num, tr
     return results
 
 
-@torch.no_grad()
+def _sanity_batch(run, untrained, batch, n, seen, ref, cand, seg, conf, gen, ignore, band_px):
+    """metric_sanity's step: images [0, n) of the stream feed the reference, images [n, 2n) the four candidate sets
+    (patches at shared centres; confusions when there is a segmenter). Returns the images seen so far."""
+    import metrics as M
+    info = run.info
+    b = run.prepare(batch)
+    k = len(b["label"])
+    real, lab = b["image"].float(), M.scored_label(b["label"], info)
+    first = max(0, min(k, n - seen))  # images [0, n): the reference; [n, 2n): the candidates' layouts
+    if first:
+        ref.add(lab[:first], reference=real[:first])
+    if first < k:
+        sl = slice(first, k)
+        cb = {key: (v[sl] if torch.is_tensor(v) and len(v) == k else v) for key, v in b.items()}
+        sets = {"real": real[sl],
+                "trained": run.module.sample(run.G, cb)["fake"].float().clamp(-1, 1),
+                "untrained": run.module.sample(untrained, cb)["fake"].float().clamp(-1, 1),
+                "noise": torch.rand(real[sl].shape, generator=gen).to(real.device) * 2 - 1}
+        cand.add(lab[sl], **sets)
+        if seg is not None:
+            for key, img in sets.items():
+                c = M.confusions_of(seg, img, b["label"][sl], info, ignore, band_px)
+                conf[key]["all"] = conf[key]["all"] + c["all"]
+                conf[key]["band"] = conf[key]["band"] + c["band"]
+    seen += k
+    return seen
+
+
 def metric_sanity(ckpt, out, num=64, device="auto", batch_size=8, seed=0, seg_steps=None):
     """Do the metrics rank what they should? The reference is the real images of the first `num` validation images;
     four candidate sets are drawn on the layouts of the next `num`: real images, the trained checkpoint's, the same
@@ -277,26 +304,8 @@ def metric_sanity(ckpt, out, num=64, device="auto", batch_size=8, seed=0, seg_st
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(val, range(2 * n)), batch_size=batch_size)
     seen = 0
     for batch in loader:
-        b = run.prepare(batch)
-        k = len(b["label"])
-        real, lab = b["image"].float(), M.scored_label(b["label"], info)
-        first = max(0, min(k, n - seen))  # images [0, n): the reference; [n, 2n): the candidates' layouts
-        if first:
-            ref.add(lab[:first], reference=real[:first])
-        if first < k:
-            sl = slice(first, k)
-            cb = {key: (v[sl] if torch.is_tensor(v) and len(v) == k else v) for key, v in b.items()}
-            sets = {"real": real[sl],
-                    "trained": run.module.sample(run.G, cb)["fake"].float().clamp(-1, 1),
-                    "untrained": run.module.sample(untrained, cb)["fake"].float().clamp(-1, 1),
-                    "noise": torch.rand(real[sl].shape, generator=gen).to(real.device) * 2 - 1}
-            cand.add(lab[sl], **sets)
-            if seg is not None:
-                for key, img in sets.items():
-                    c = M.confusions_of(seg, img, b["label"][sl], info, ignore, band_px)
-                    conf[key]["all"] = conf[key]["all"] + c["all"]
-                    conf[key]["band"] = conf[key]["band"] + c["band"]
-        seen += k
+        with torch.no_grad():
+            seen = _sanity_batch(run, untrained, batch, n, seen, ref, cand, seg, conf, gen, ignore, band_px)
     rows = {}
     for key in names:
         per, mean = M.class_swd(ref.patches("reference"), cand.patches(key))
