@@ -153,7 +153,9 @@ def run_table(name, budget_steps, seeds, out, train_args=(), height=64, width=12
         over = dict(over)
         model = over.pop("model")
         extra = []
-        if model == "ecgan" and over.get("use_label_gen", True):
+        module = train.MODELS[model]
+        row_cfg = module.Config(**{k: v for k, v in over.items() if k in module.Config.__dataclass_fields__})
+        if train.model_needs(module, "needs_segmenter", row_cfg):  # e.g. ECGAN's G_l: one for every row
             if not gl_path.is_file():
                 segmenter_train.train_segmenter(train_set, info, steps=gl_steps, device=device, out_path=gl_path,
                                                 seed=0)
