@@ -409,11 +409,10 @@ def _draw_trapezoid(X, Y, ya, yb, top, bottom):
     return (X >= lo) & (X < hi) & (Y >= ya) & (Y < yb)
 
 
-def _render(s, H, W, x0, x1, y0, y1):
-    c = _Canvas(H, W, x0, x1, y0, y1, s["noise"])
+def _draw_sky(c, s):
+    """Sky: a vertical gradient and clouds from coarse noise."""
     n1, n2 = c.n1, c.n2
-    yb, yc = s["y_b"], s["y_c"]
-    # sky: vertical gradient + clouds from coarse noise
+    yb = s["y_b"]
     b = c.box(-1, s["width"] + 1, -1, yb)  # below yb the sidewalk and road cover everything
     if b:
         sl, X, Y = b
@@ -421,13 +420,23 @@ def _render(s, H, W, x0, x1, y0, y1):
         sky = s["sky"][0] * (1 - t) + s["sky"][1] * t
         cloud = np.clip((0.7 * n1[sl] + 0.3 * n2[sl] - 0.6 + s["clouds"] * 0.6) * 2.5, 0, 1)[..., None] * s["clouds"]
         c.put(sl, None, SKY, SKY, sky * (1 - cloud) + 0.95 * cloud)
-    # park lawns
+
+
+def _draw_parks(c, s):
+    """Park lawns between buildings."""
+    n1, n2 = c.n1, c.n2
+    yb = s["y_b"]
     for pa, pb in s["parks"]:
         b = c.box(pa, pb, s["y_p"], yb)
         if b:
             sl, X, Y = b
             c.put(sl, None, GRASS, GRASS, s["grass"] * (0.85 + 0.15 * n2[sl] + 0.1 * n1[sl])[..., None])
-    # buildings: facade, cornice, window grid, door
+
+
+def _draw_buildings(c, s):
+    """Buildings: facade, cornice, window grid (some windows lit), door."""
+    n1, n2 = c.n1, c.n2
+    yb = s["y_b"]
     for k, bd in enumerate(s["buildings"]):
         b = c.box(bd["xa"], bd["xb"], bd["top"], yb)
         if b is None:
@@ -449,7 +458,12 @@ def _render(s, H, W, x0, x1, y0, y1):
         db = c.box(bd["door"], bd["door"] + bd["doorw"], yb - bd["doorh"], yb)
         if db:
             c.img[db[0]] = bd["colour"] * 0.35
-    # sidewalk with paving joints and a curb stone, road with asphalt grain and lane marks
+
+
+def _draw_ground(c, s):
+    """Sidewalk with paving joints and a curb stone; road with asphalt grain and lane marks."""
+    n1, n2 = c.n1, c.n2
+    yb, yc = s["y_b"], s["y_c"]
     b = c.box(-1, s["width"] + 1, yb, yc)
     if b:
         sl, X, Y = b
@@ -468,7 +482,11 @@ def _render(s, H, W, x0, x1, y0, y1):
         col = _rgb(230, 190, 40) if yellow else _rgb(235, 235, 230)
         c.blend(sl, _line_alpha(Y - s["lane_y"], 0.006, c.py) * dash, col)
         c.blend(sl, _line_alpha(Y - (yc + 0.02), 0.003, c.py) + 0 * X, _rgb(225, 225, 220))
-    # trees: trunk and a noisy crown
+
+
+def _draw_trees(c, s):
+    """Trees: trunk and a noisy crown."""
+    n2 = c.n2
     for tr in s["trees"]:
         b = c.box(tr["x"] - tr["tw"] / 2, tr["x"] + tr["tw"] / 2, tr["y"] - tr["h"], tr["y"])
         if b:
@@ -479,7 +497,10 @@ def _render(s, H, W, x0, x1, y0, y1):
             sl, X, Y, m = e
             shade = (0.85 + 0.3 * n2[sl] - 0.25 * np.clip((Y - cy) / tr["ry"], -1, 1))[..., None]
             c.put(sl, m, TREE, TREE, tr["green"] * shade)
-    # poles, lamps and signs
+
+
+def _draw_poles(c, s):
+    """Poles, lamps and signs (round, plate, diamond)."""
     for k, p in enumerate(s["poles"]):
         b = c.box(p["x"] - p["w"] / 2, p["x"] + p["w"] / 2, p["top"], p["y"])
         if b:
@@ -515,7 +536,11 @@ def _render(s, H, W, x0, x1, y0, y1):
                     dd = np.abs(X - p["x"]) + np.abs(Y - sy)
                     m = dd < max(r * 1.1, 0.7 * max(c.px, c.py))
                     c.put(sl, m, SIGN, inst, np.where((dd < 0.8 * r)[..., None], _rgb(245, 200, 30), _rgb(40, 40, 40)))
-    # persons: head, shirt, legs; drawn far to near
+
+
+def _draw_persons(c, s):
+    """Persons: head, shirt, legs; drawn far to near."""
+    n2 = c.n2
     for k, p in enumerate(s["persons"]):
         h, x, y = p["h"], p["x"], p["y"]
         inst = 9000 + k
@@ -529,7 +554,10 @@ def _render(s, H, W, x0, x1, y0, y1):
         e = c.ellipse(x, y - h + 0.085 * h, 0.075 * h, 0.085 * h)
         if e:
             c.put(e[0], e[3], PERSON, inst, p["skin"])
-    # cars: body, cabin with windows, wheels with rims, lights; far lane first
+
+
+def _draw_cars(c, s):
+    """Cars: body, cabin with windows, wheels with rims, lights; far lane first."""
     for k, car in enumerate(s["cars"]):
         L, x, y, d = car["L"], car["x"], car["y"], car["dir"]
         inst, col = 6000 + k, car["colour"]
@@ -561,6 +589,14 @@ def _render(s, H, W, x0, x1, y0, y1):
                 sl, X, Y, m = e
                 dd = np.sqrt((X - wx) ** 2 + (Y - (y - r)) ** 2)
                 c.put(sl, m, CAR, inst, np.where((dd < 0.55 * r)[..., None], _rgb(170, 170, 175), _rgb(25, 25, 28)))
+
+
+def _render(s, H, W, x0, x1, y0, y1):
+    """Draws scene s in the window (x0, x1, y0, y1) at H x W, back to front: (image, label, instance)."""
+    c = _Canvas(H, W, x0, x1, y0, y1, s["noise"])
+    for draw in (_draw_sky, _draw_parks, _draw_buildings, _draw_ground, _draw_trees, _draw_poles, _draw_persons,
+                 _draw_cars):
+        draw(c, s)
     img = np.clip(c.img * s["tint"], 0, 1)
     return img, c.label, c.inst
 
