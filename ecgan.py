@@ -47,6 +47,8 @@ Choices where the paper is silent (each is named again where it is made):
       width 16 (class_width: the first layer then costs what LGGAN's per-class 7x7 conv costs), spectral-normed
       per class; each class image is masked by M_c again, so absent classes give exactly zero.
     - Eq. 1's I' lies in [-2, 2]; eq1_range="half" or "tanh" keeps it in the images' [-1, 1] (default: as written).
+    - edge_source="canny" (an oracle, not in the paper): the real Canny edges replace I_e' in Eq. 1 and G_s's input;
+      the feature-level transfer keeps G_e's features F_e and G_e still trains against D (Eq. 8).
     - Hinge losses (GauGAN) for the log terms of Eqs. 8, 9; `gan_loss="log"` uses them as written. lambda_c
       weighs the adversarial term on both sides (Eq. 10 puts it on the min-max objective).
     - Eq. 10's L_sim(S, S'): the paper defines only S'' = G_l(I''); S' = G_l(I') here (sim_on_intermediate).
@@ -90,6 +92,7 @@ def attention_transfer(edge, x):
 
 
 EQ1_RANGES = ("paper", "half", "tanh")
+EDGE_SOURCES = ("generated", "canny")
 
 
 def edge_transfer_image(edge_map, image, out_range="paper"):
@@ -554,6 +557,7 @@ class ECGANConfig:
     n_layers: int = 3                     # n convs in G_e and G_i (App. B)
     spectral: bool = True                 # spectral norm on every new G layer (App. B)
     eq1_range: str = "paper"              # Eq. 1's I' as written, in [-2, 2] | "half": I'/2 | "tanh": tanh(I') (ours)
+    edge_source: str = "generated"        # I_e' in Eq. 1 and G_s: G_e's | "canny": real edges (oracle, ours; F_e kept)
     # Table 3 ablation switches, cumulative in the paper (see TABLE3)
     use_edge: bool = True                 # G_e, edge generator (Sec. 3.1)
     use_transfer: bool = True             # G_t, attention guided edge transfer (Sec. 3.1, Eq. 1); needs use_edge
@@ -622,6 +626,10 @@ class ECGANGenerator(nn.Module):
         super().__init__()
         if cfg.eq1_range not in EQ1_RANGES:
             raise ValueError(f"ecgan.py: eq1_range={cfg.eq1_range!r}, expected one of {EQ1_RANGES}")
+        if cfg.edge_source not in EDGE_SOURCES:
+            raise ValueError(f"ecgan.py: edge_source={cfg.edge_source!r}, expected one of {EDGE_SOURCES}")
+        if cfg.edge_source == "canny" and not cfg.use_edge:
+            raise ValueError("ecgan.py: edge_source='canny' replaces G_e's edge map, so it needs use_edge (G_e)")
         if cfg.use_transfer and not cfg.use_edge:
             raise ValueError("ecgan.py: use_transfer (G_t) needs use_edge (G_e): it transfers the edge features")
         if info.task != "semantic":
@@ -682,8 +690,9 @@ class ECGANGenerator(nn.Module):
         self.bank_next.copy_((self.bank_next + pushed) % K)
         self.bank_count.copy_((self.bank_count + pushed).clamp(max=K))
 
-    def forward(self, seg, image=None, z=None, aux=True):
-        """seg (B, input_nc, H, W) = one-hot (+ instance boundaries); image: style image (use_vae only).
+    def forward(self, seg, image=None, z=None, aux=True, edges=None):
+        """seg (B, input_nc, H, W) = one-hot (+ instance boundaries); image: style image (use_vae only); edges: the
+        real Canny edges (B, 1, H, W) in {0, 1}, required with edge_source="canny" (the oracle I_e' of Eq. 1, G_s).
         aux=False skips what only the G loss needs (label generator, contrastive sampling).
         Returns a dict of (B, ., H, W) tensors: fake (I''), intermediate (I'), edge (I_e'), class (I_g), the
         segmenter's probabilities seg_1, seg_2 (of I' and I''; only seg_1 = S'' with sim_on_intermediate=False,
@@ -708,10 +717,16 @@ class ECGANGenerator(nn.Module):
                 if cfg.use_transfer:
                     xi = attention_transfer(xe, xi)  # F_i^j = sigmoid(F_e^j) * F_i^j + F_i^j
         img = self.image_branch.to_rgb(xi)  # I_i'
+        guide = None  # the I_e' that Eq. 1 and G_s read
         if self.edge_branch is not None:
-            out["edge"] = self.edge_branch.to_rgb(xe)  # I_e' (B, 3, H, W)
+            out["edge"] = guide = self.edge_branch.to_rgb(xe)  # I_e' (B, 3, H, W), judged by D either way (Eq. 8)
+            if cfg.edge_source == "canny":  # oracle: the real edges in I_e's range; G_e's to_rgb feeds D only
+                if edges is None:
+                    raise ValueError("ecgan.py: edge_source='canny' needs the real edges: G(..., edges=batch['edge']) "
+                                     "(data.prepare_batch(..., edges=True))")
+                guide = edge_to_image(edges).to(img.dtype)
             if cfg.use_transfer:
-                img = edge_transfer_image(out["edge"], img, cfg.eq1_range)  # Eq. 1 (+ the eq1_range reading)
+                img = edge_transfer_image(guide, img, cfg.eq1_range)  # Eq. 1 (+ the eq1_range reading)
         out["intermediate"] = img
 
         if cfg.use_contrast:  # G_c on the shared feature F: Eqs. 6, 7
@@ -729,7 +744,7 @@ class ECGANGenerator(nn.Module):
                         self.update_bank(out["emb"], out["emb_labels"])
 
         if cfg.use_semantic:
-            parts = [feat, img] + ([out["edge"]] if "edge" in out else []) + [seg]
+            parts = [feat, img] + ([guide] if guide is not None else []) + [seg]
             if cfg.use_contrast and cfg.class_to_gs:
                 parts.append(out["class"])
             out["fake"] = self.semantic(torch.cat(parts, 1))  # I''
@@ -802,7 +817,7 @@ def g_step(G, D, batch, cfg, vgg=None):
     matching + lambda_p * VGG on (I_e', I_e), (I', I), lambda * (I'', I); + lambda_s * similarity (S, S') + (S, S''); + lambda_l * Eq. 5;
     + lambda_l1 * Eq. 6; + lambda_kld * KL."""
     cond, real = batch["input"], batch["image"]
-    out = G(cond, real)
+    out = G(cond, real, edges=oracle_edges(batch, cfg))
     logs = {"G_gan": 0.0, "G_feat": 0.0}
     for fake_p, real_p, w in discriminate(D, cond, judged_pairs(out, batch, cfg)):
         logs["G_gan"] = logs["G_gan"] + cfg.lambda_c * w * gaugan.g_loss_term(fake_p, cfg.gan_loss)
@@ -830,13 +845,23 @@ def d_step(G, D, batch, cfg):
     weight lambda + 1 as in Eq. 9."""
     cond, real = batch["input"], batch["image"]
     with torch.no_grad():
-        out = G(cond, real, aux=False)
+        out = G(cond, real, aux=False, edges=oracle_edges(batch, cfg))
     l_fake, l_real = 0.0, 0.0
     pairs = [(f.detach(), r, w) for f, r, w in judged_pairs(out, batch, cfg)]
     for fake_p, real_p, w in discriminate(D, cond, pairs):  # lambda_c weighs the whole adversarial term (Eq. 10)
         l_fake = l_fake + cfg.lambda_c * w * gaugan.d_loss_term(fake_p, False, cfg.gan_loss)
         l_real = l_real + cfg.lambda_c * w * gaugan.d_loss_term(real_p, True, cfg.gan_loss)
     return l_fake + l_real, {"D_fake": l_fake.detach(), "D_real": l_real.detach()}
+
+
+def oracle_edges(batch, cfg):
+    """The real Canny edges G's forward reads with edge_source="canny" (None otherwise)."""
+    if cfg.edge_source != "canny":
+        return None
+    if "edge" not in batch:
+        raise KeyError("ecgan.py: edge_source='canny' needs the batch's real edges 'edge'; call "
+                       "data.prepare_batch(..., edges=True)")
+    return batch["edge"]
 
 
 def needs_edges(cfg):
@@ -858,7 +883,8 @@ def G_module(G):
 @torch.no_grad()
 def sample(G, batch):
     """Columns for the sample grid, all (B, 3, H, W) in [-1, 1]."""
-    out = G(batch["input"], batch["image"], aux=False)
+    edges = oracle_edges(batch, G_module(G).cfg)
+    out = G(batch["input"], batch["image"], aux=False, edges=edges)
     cols = {"fake": out["fake"], "intermediate": out["intermediate"].clamp(-1, 1)}  # I' spans [-2, 2] (Eq. 1)
     if "edge" in out:
         cols["edge"] = out["edge"]
@@ -866,7 +892,7 @@ def sample(G, batch):
     if "class" in out:
         cols["class"] = out["class"]  # I_g (Eq. 7); dontcare pixels are 0
     if G_module(G).style_encoder is not None:
-        cols["fake_prior_z"] = G(batch["input"], aux=False)["fake"]
+        cols["fake_prior_z"] = G(batch["input"], aux=False, edges=edges)["fake"]
     return cols
 
 

@@ -680,3 +680,70 @@ def test_memory_bank_state_dict_round_trip_resumes_exactly():
         logs[k] = ecgan.g_step(g, D, batch, cfg)[1]["G_contrast"]
     torch.testing.assert_close(logs["saved"], logs["resumed"], rtol=0, atol=0)
     assert torch.equal(G2.bank_emb, G.bank_emb)
+
+
+# ----------------------------------------------------------------------------- edge oracle (edge_source="canny")
+
+def test_edge_source_canny_is_eq1_with_the_real_edges():
+    """Row E+G_i+G_e+G_t with the oracle: I' = sigmoid(E) * I_i' + I_i' with E = edge_to_image(Canny edges) computed
+    by hand, for a constant I_i' = 0.7 (G_i's to_rgb replaced); G_e's own map is still output."""
+    row = dict(ecgan.TABLE3["E+G_i+G_e+G_t"])
+    cfg, info = tiny(edge_source="canny", **row)
+    torch.manual_seed(0)
+    G, _ = ecgan.build(cfg, info)
+    batch = tiny_batch(info)
+    G.image_branch.to_rgb = lambda x: torch.full((x.shape[0], 3, *x.shape[2:]), 0.7)  # I_i' = 0.7
+    out = G.eval()(batch["input"], aux=False, edges=batch["edge"])
+    e = batch["edge"].expand(-1, 3, -1, -1)
+    assert 0 < e.mean() < 1  # the batch has edge and non-edge pixels
+    ii = torch.full_like(out["intermediate"], 0.7)
+    attn = torch.where(e > 0, torch.sigmoid(torch.tensor(1.0)), torch.sigmoid(torch.tensor(-1.0)))
+    torch.testing.assert_close(out["intermediate"], attn * ii + ii)  # Eq. 1 by hand
+    torch.testing.assert_close(out["fake"], out["intermediate"])  # no G_s: I' is the output
+    assert out["edge"].shape == (2, 3, 32, 64)  # G_e's I_e' is still there, for D (Eq. 8)
+
+
+@pytest.mark.parametrize("source", ["generated", "canny"])
+def test_edge_source_canny_cuts_g_e_to_rgb_out_of_eq1_and_g_s(source):
+    """Full model: changing G_e's to_rgb weights changes I_e' in both modes, but I' and I'' only with the generated
+    edges (the oracle reads the real edges; the feature-level transfer uses F_e, before to_rgb)."""
+    cfg, info = tiny(edge_source=source)
+    torch.manual_seed(0)
+    G, _ = ecgan.build(cfg, info)
+    G.eval()
+    batch = tiny_batch(info)
+    run = lambda: G(batch["input"], aux=False, edges=batch["edge"] if source == "canny" else None)
+    with torch.no_grad():
+        before = run()
+        G.edge_branch.out.bias.add_(3.0)
+        after = run()
+    assert not torch.allclose(before["edge"], after["edge"])
+    same = lambda k: torch.allclose(before[k], after[k])
+    assert same("intermediate") == same("fake") == (source == "canny")
+
+
+def test_edge_source_canny_steps_and_sample_read_the_batch_edges():
+    cfg, info = tiny(edge_source="canny")
+    torch.manual_seed(0)
+    G, D = ecgan.build(cfg, info)
+    batch = tiny_batch(info)
+    loss, _ = ecgan.g_step(G, D, batch, cfg)
+    loss.backward()  # G_e still trains through its own D term (Eq. 8)
+    assert G.edge_branch.out.parametrizations.weight.original.grad.abs().sum() > 0
+    ecgan.d_step(G, D, batch, cfg)
+    cols = ecgan.sample(G, batch)
+    torch.manual_seed(1)
+    flipped = dict(batch, edge=1 - batch["edge"])
+    assert not torch.allclose(cols["fake"], ecgan.sample(G, flipped)["fake"])  # the oracle edges reach I''
+    no_edge = {k: v for k, v in batch.items() if k != "edge"}
+    with pytest.raises(KeyError, match="edge_source='canny'"):
+        ecgan.sample(G, no_edge)
+    with pytest.raises(ValueError, match="edge_source='canny' needs the real edges"):
+        G(batch["input"], aux=False)
+
+
+def test_edge_source_bad_value_names_the_field():
+    with pytest.raises(ValueError, match="edge_source='sobel'"):
+        ecgan.build(*tiny(edge_source="sobel"))
+    with pytest.raises(ValueError, match="edge_source='canny'.*use_edge"):
+        ecgan.build(*tiny(edge_source="canny", **ecgan.TABLE3["E+G_i"]))
