@@ -16,7 +16,8 @@ the CVPR 2020 LGGAN paper), one file per piece a reader looks for:
   metrics.py          mIoU / pixel accuracy of a segmenter on the generated images (Cityscapes on its 19 train
                       ids), the same in a band of --band_px pixels around label boundaries, the IoU of the
                       --small_classes, and class-conditional realism (sliced Wasserstein distance of 7x7 patches
-                      inside each class, generated vs real, no pretrained network); cross-view SSIM, PSNR,
+                      inside each class, generated vs real, no pretrained network), for ECGAN the edge F-score
+                      of its generated edges against Canny of the real image (1 px tolerance); cross-view SSIM, PSNR,
                       sharpness difference and, with a scene classifier (--classifier), top-k accuracy, KL and
                       inception-style scores
   segmenter_train.py  the built-in segmenter (when no --segmenter is given): trained on real training images with
@@ -43,7 +44,8 @@ from evalrun import EvalError, load_run, one_line, pick_device
 from fid import FID_WEIGHTS_URL, fid_from_features, load_fid_inception
 from figures import make_figures
 from metrics import (PSNR_CAP, ClassPatches, class_names_of, class_swd, classifier_metrics, confusions_of,
-                     default_band_px, default_ignore, eval_classes, finite, load_classifier, protocol_ids, psnr,
+                     default_band_px, default_ignore, edge_fscore, edge_match_counts, eval_classes, finite,
+                     generated_edges, load_classifier, protocol_ids, psnr,
                      scored_label, segmentation_scores, sharpness_difference, small_class_ids, small_object_iou,
                      ssim, to_unit)
 from segmenter_train import SEG_EPOCHS, SEG_STEPS_MAX, SEG_STEPS_MIN, find_segmenter, train_segmenter_cli
@@ -137,17 +139,18 @@ def _accumulate(acc, nets, fake, real, label, info, ignore, band_px=0):
 
 
 def generate(run, nets, out, n_total, batch_size, ignore, grid_rows=8, save_images=True, progress=True, band_px=0,
-             patches_per_class=1024):
+             patches_per_class=1024, edge_tol=1):
     """Sample G on the first n_total validation images, write them (<out>/{fake,real}/*.png and a grid of the first
     grid_rows) and accumulate what the metrics need. Returns {"done": images, "feats", "conf", "band", "patches",
     "floor", "pix", "logits"}. Patches: at most patches_per_class per class, seeded (ClassPatches); the floor
-    compares the real images of even and odd index."""
+    compares the real images of even and odd index. A model whose sample() has an "edge" column (ECGAN's I_e') also
+    gets edge F-score counts against the real images' Canny edges within edge_tol pixels ("edge")."""
     n_cls = eval_classes(run.info)[1]
     patches = lambda names, seed: ClassPatches(n_cls, names, cap=patches_per_class, seed=seed, ignore=ignore)
     acc = {"done": 0, "feats": {"real": [], "fake": []}, "logits": {"real": [], "fake": []},
            "conf": {"real": 0, "fake": 0}, "band": {"real": 0, "fake": 0},
            "patches": patches(("fake", "real"), 0), "floor": {"a": patches(("real",), 1), "b": patches(("real",), 2)},
-           "pix": {"SSIM": [], "PSNR": [], "sharpness difference": []}}
+           "pix": {"SSIM": [], "PSNR": [], "sharpness difference": []}, "edge": None, "edge_tol": edge_tol}
     grid = None
     (out / "fake").mkdir(exist_ok=True), (out / "real").mkdir(exist_ok=True)
     loader = torch.utils.data.DataLoader(run.val, batch_size=batch_size, shuffle=False)
@@ -167,6 +170,9 @@ def generate(run, nets, out, n_total, batch_size, ignore, grid_rows=8, save_imag
                     _save_png(real[i], out / "real" / f"{done + i:05d}.png")
             grid = _grow_grid(grid, b, cols, real, run.info, grid_rows)
             _accumulate(acc, nets, fake, real, b["label"], run.info, ignore, band_px)
+            if "edge" in cols:  # ECGAN's I_e' against Canny of the real image
+                c = edge_match_counts(generated_edges(cols["edge"]), data.canny(real), edge_tol)
+                acc["edge"] = c if acc["edge"] is None else acc["edge"] + c
             acc["done"] += k
             bar.update(k)
         bar.close()
@@ -254,6 +260,13 @@ def measure(run, nets, acc, ignore, notes, band_px=0, small_ids=(), num_proj=128
         m, p, per_class["patch SWD [generated vs real, real vs real]"] = _realism_metrics(acc, info, hw, num_proj)
         metrics.update(m)
         protocol.update(p)
+    if acc.get("edge") is not None:
+        tol = acc["edge_tol"]
+        how = (f"generated edge map I_e' thresholded at sigmoid > 0.5 (channel mean > 0) vs data.canny of the real "
+               f"image, a pixel matched within {tol} px (a {2 * tol + 1}x{2 * tol + 1} window), pixels summed over "
+               f"{done} images at {hw}")
+        for key, v in zip(("edge precision", "edge recall", "edge F1"), edge_fscore(acc["edge"])):
+            metrics[key], protocol[key] = v, how
     if info.task == "crossview":
         for key, vals in acc["pix"].items():
             metrics[key] = float(torch.cat(vals).mean())
@@ -271,11 +284,12 @@ def measure(run, nets, acc, ignore, notes, band_px=0, small_ids=(), num_proj=128
 def evaluate(ckpt_path, dataset=None, dataroot=None, out=None, num=None, batch_size=8, device="auto",
              inception=None, segmenter=None, classifier=None, seg_steps=None, ignore=None, grid_rows=8,
              save_images=True, progress=True, band_px=None, small_classes=None, patches_per_class=1024,
-             swd_projections=128):
+             swd_projections=128, edge_tol=1):
     """Generate the validation set from a training checkpoint, compute every metric that applies, print a table and
     write <out>/metrics.json. Returns the results dict. Every input file is checked before anything is written or
     trained. seg_steps None: the built-in segmenter's steps scale to the data (auto_segmenter_steps). band_px None:
-    default_band_px of the run's height (0: no boundary metrics); small_classes None: the dataset's default list."""
+    default_band_px of the run's height (0: no boundary metrics); small_classes None: the dataset's default list.
+    edge_tol: the edge F-score's tolerance in pixels (models with a generated edge map, ECGAN)."""
     run = load_run(ckpt_path, pick_device(device), dataset, dataroot)                           # 1. load
     out = Path(out) if out else Path(run.path).parent / "eval"
     notes = []
@@ -292,7 +306,7 @@ def evaluate(ckpt_path, dataset=None, dataroot=None, out=None, num=None, batch_s
     t0 = time.time()
     n_total = min(num or len(run.val), len(run.val))
     acc = generate(run, nets, out, n_total, batch_size, ignore, grid_rows, save_images, progress,  # 2. generate
-                   band_px, patches_per_class)
+                   band_px, patches_per_class, edge_tol)
     metrics, protocol, per_class = measure(run, nets, acc, ignore, notes, band_px, small_ids,     # 3. measure
                                            swd_projections)
     info = run.info

@@ -14,6 +14,9 @@ metrics.py: the numbers eval.py reports besides FID, each with the protocol it f
                     of small classes (small_class_ids: pole, sign, person on the synthetic scenes), and class-
                     conditional realism: per class, the sliced Wasserstein distance between 7x7 patches of generated
                     and real images centred inside that class (ClassPatches, class_swd); no pretrained network.
+  edge F-score      precision / recall / F1 of a generated edge map (ECGAN's I_e' at sigmoid > 0.5) against the
+                    Canny edges of the real image, within a tolerance of t pixels (generated_edges,
+                    edge_match_counts, edge_fscore).
 Pure functions of tensors, except load_classifier (a file) and eval_classes (data.py's Cityscapes ids).
 """
 
@@ -187,6 +190,42 @@ def boundary_band(label, d, valid=None):
     mx = F.max_pool2d(hi, k, stride=1, padding=d)
     mn = -F.max_pool2d(-lo, k, stride=1, padding=d)
     return ((mx > mn) & v).squeeze(1)
+
+
+def generated_edges(edge_map):
+    """ECGAN's generated edge map I_e' (B, 3, H, W), a tanh output in [-1, 1] (its real target is the Canny map in
+    {-1, 1}, ecgan.edge_to_image) -> (B, 1, H, W) bool edges: channel mean > 0, i.e. sigmoid(I_e') > 0.5, the
+    threshold where Eq. 1's attention passes more than half of I_i'."""
+    return edge_map.float().mean(1, keepdim=True) > 0
+
+
+def edge_match_counts(pred, true, tol=1):
+    """Counts for the edge F-score of binary edge maps pred, true (B, 1, H, W): a predicted edge pixel is correct if
+    a true edge pixel lies within tol pixels (Chebyshev distance: a (2 tol + 1)^2 window, by max-pool dilation of
+    the true map), and a true edge pixel is found if a predicted one lies within tol (the same, the other way).
+    No one-to-one matching (unlike BSDS's): a thick prediction along a thin true edge scores full precision.
+    Returns a (4,) float64 tensor [correct predicted, predicted, found true, true]; sum it over batches."""
+    if tol < 0:
+        raise ValueError(f"edge tolerance of {tol} pixels: expected tol >= 0")
+    if pred.shape != true.shape or pred.dim() != 4 or pred.shape[1] != 1:
+        raise ValueError(f"edge maps must both be (B, 1, H, W), got {tuple(pred.shape)} and {tuple(true.shape)}")
+    p, t = pred.float() > 0.5, true.float() > 0.5
+    grow = lambda x: F.max_pool2d(x.float(), 2 * tol + 1, stride=1, padding=tol) > 0  # dilation by tol px
+    return torch.tensor([(p & grow(t)).sum().item(), p.sum().item(), (t & grow(p)).sum().item(), t.sum().item()],
+                        dtype=torch.float64)
+
+
+def edge_fscore(counts):
+    """(precision, recall, F1) from summed edge_match_counts. Precision is NaN without predicted edges, recall NaN
+    without true ones; F1 = 2PR / (P + R), 0 when P + R = 0 or when only one side has edges, NaN when neither has."""
+    cp, n_p, ft, n_t = (float(c) for c in counts)
+    prec = cp / n_p if n_p else float("nan")
+    rec = ft / n_t if n_t else float("nan")
+    if not n_p and not n_t:
+        return prec, rec, float("nan")
+    if not n_p or not n_t or prec + rec == 0:
+        return prec, rec, 0.0
+    return prec, rec, 2 * prec * rec / (prec + rec)
 
 
 def small_class_ids(info, given=None):

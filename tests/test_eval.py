@@ -641,3 +641,77 @@ def test_segmenter_augment_moves_image_and_label_together():
         if inside.any():
             red = img[i, 0]
             assert red[inside].median() > red[~inside].median()
+
+
+def _vline(col, H=8, W=8, extra=()):
+    m = torch.zeros(1, 1, H, W)
+    m[..., col] = 1
+    for y, x in extra:
+        m[0, 0, y, x] = 1
+    return m
+
+
+def test_edge_fscore_closed_forms_on_hand_made_maps():
+    true = _vline(4)                                             # 8 true edge pixels in column 4
+    pred = _vline(5, extra=[(0, 0)])                             # column 5 (1 px off) + a stray pixel far away
+    c = metrics.edge_match_counts(pred, true, tol=1)
+    assert c.tolist() == [8, 9, 8, 8]                            # 8 of 9 predicted correct, all 8 true found
+    p, r, f = metrics.edge_fscore(c)
+    assert (p, r) == (8 / 9, 1.0) and f == pytest.approx(2 * (8 / 9) / (8 / 9 + 1))
+    assert metrics.edge_match_counts(pred, true, tol=0).tolist() == [0, 9, 0, 8]   # exact: nothing matches
+    assert metrics.edge_fscore(metrics.edge_match_counts(pred, true, tol=0))[2] == 0.0
+    assert metrics.edge_match_counts(_vline(6), true, tol=1).tolist() == [0, 8, 0, 8]  # 2 px off
+    assert metrics.edge_match_counts(_vline(6), true, tol=2).tolist() == [8, 8, 8, 8]
+    assert metrics.edge_match_counts(true, pred, tol=1).tolist() == [8, 8, 8, 9]   # swapped: P and R swap
+    diag = torch.zeros(1, 1, 8, 8)
+    diag[0, 0, 3, 3] = 1
+    shifted = torch.zeros(1, 1, 8, 8)
+    shifted[0, 0, 4, 4] = 1
+    assert metrics.edge_match_counts(shifted, diag, tol=1).tolist() == [1, 1, 1, 1]  # Chebyshev: diagonal is 1 px
+    thick = _vline(3) + _vline(4) + _vline(5)                     # thick prediction over a thin edge: no 1-to-1
+    assert metrics.edge_fscore(metrics.edge_match_counts(thick, true, tol=1))[:2] == (1.0, 1.0)
+    empty = torch.zeros(1, 1, 8, 8)
+    p, r, f = metrics.edge_fscore(metrics.edge_match_counts(empty, true))
+    assert math.isnan(p) and r == 0.0 and f == 0.0
+    assert math.isnan(metrics.edge_fscore(metrics.edge_match_counts(empty, empty))[2])
+    with pytest.raises(ValueError, match="tolerance of -1"):
+        metrics.edge_match_counts(pred, true, tol=-1)
+
+
+def test_generated_edges_threshold_at_sigmoid_one_half():
+    e = torch.tensor([-0.9, -0.01, 0.0, 0.01, 0.9]).view(1, 1, 1, 5).expand(2, 3, 1, 5)
+    assert metrics.generated_edges(e).tolist() == [[[[False, False, False, True, True]]]] * 2
+    assert metrics.generated_edges(data.canny(torch.zeros(1, 3, 8, 8)) * 2 - 1).sum() == 0
+
+
+def test_eval_reports_edge_fscore_for_ecgan_only(tmp_path, monkeypatch):
+    """ECGAN's sample() has an "edge" column: eval reports the edge F-score of it against Canny of the real image,
+    and it equals the F-score recomputed from the same samples; a GauGAN run has no edge column and no F-score."""
+    import dataclasses
+    import ecgan
+    samples, info = _synthetic("val", 4)
+    cfg = ecgan.ECGANConfig(ngf=8, ndf=4, n_layers_D=2, proj_dim=8, use_label_gen=False, use_contrast=False)
+    torch.manual_seed(0)
+    G, D = ecgan.build(cfg, info)
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    ckpt.parent.mkdir()
+    torch.save({"model": "ecgan", "model_cfg": dataclasses.asdict(cfg), "train_cfg": {"dataset": "synthetic"},
+                "info": dataclasses.asdict(info), "G": G.state_dict(), "D": D.state_dict(), "opt_G": {},
+                "opt_D": {}, "scaler": None, "step": 1, "rng": []}, ckpt)
+    res = evaluation.evaluate(ckpt, out=tmp_path / "eval", num=4, batch_size=2, seg_steps=0, save_images=False,
+                              progress=False, device="cpu", patches_per_class=16)
+    m = res["metrics"]
+    from evalrun import load_run
+    run = load_run(ckpt, torch.device("cpu"))
+    b = run.prepare(torch.utils.data.default_collate([run.val[i] for i in range(4)]))
+    edge = ecgan.sample(run.G, b)["edge"]
+    want = metrics.edge_fscore(metrics.edge_match_counts(metrics.generated_edges(edge), data.canny(b["image"])))
+    for key, v in zip(("edge precision", "edge recall", "edge F1"), want):
+        assert (m[key] is None and math.isnan(v)) or m[key] == pytest.approx(v), key
+    assert "within 1 px" in res["protocol"]["edge F1"]
+    ckpt2 = tmp_path / "run2" / "ckpt.pt"
+    ckpt2.parent.mkdir()
+    _tiny_gaugan_checkpoint(ckpt2)
+    res2 = evaluation.evaluate(ckpt2, out=tmp_path / "eval2", num=2, batch_size=2, seg_steps=0, save_images=False,
+                               progress=False, device="cpu", patches_per_class=16)
+    assert "edge F1" not in res2["metrics"]
