@@ -7,6 +7,10 @@ eval.evaluate, mean and spread over seeds, printed and written as markdown.
     python tables.py ecgan3   --budget_steps 2000 --seeds 0 1    # ECGAN Table 3 (ecgan.TABLE3)
     python tables.py lggan9 --budget_steps 20 --seeds 0 1 --height 32 --width 64   # a smoke run
     python tables.py sanity --ckpt RUN/ckpt_latest.pt    # do the metrics rank real < trained < untrained < noise?
+    python tables.py sau_mech --budget_steps 2000            # mechanism tables (MECHANISMS), one claim each, 3 seeds:
+    python tables.py edges_mech --budget_steps 2000          #   sau_mech, edges_mech, contrast_mech, classgen_mech;
+    python tables.py contrast_mech --budget_steps 2000       #   each prints its purpose (claim, metric to read)
+    python tables.py classgen_mech --budget_steps 2000       #   above its table; no paper column
 Flags tables.py does not know go to every train.py run (e.g. `--ngf 8 --batch_size 8`).
 
 Resumable: each (row, seed) writes <out>/<table>/<row>/seed<k>/result.json (atomically) when it has been trained and
@@ -52,6 +56,54 @@ TABLES = {  # table -> (model, [(row name, {config field: value})]); None: the r
     "ecgan3": ("ecgan", None),  # rows from ecgan.TABLE3
 }
 
+_FULL, _EDGES = ecgan.TABLE3["E+G_i+G_e+G_t+G_s+G_l+G_c"], ecgan.TABLE3["E+G_i+G_e+G_t"]
+EDGE_F1 = ("edge F1", "edge F1 ↑", True, "edgeF1")  # eval.py's edge F-score of G_e's I_e' vs Canny of the real image
+# Mechanism tables: each isolates one claim of the papers at equal budget; no paper numbers (no such experiment
+# there). table -> dict(purpose: the claim and the metric to read, printed above the table; model: None when each
+# row names its own; rows: [(row name, {config field: value})]; columns: extra metric columns (eval.py keys))
+MECHANISMS = {
+    "sau_mech": dict(
+        purpose="LGGAN++ (SAU): semantic-aware upsampling keeps class boundaries sharper than nearest / bilinear; "
+                "read boundary mIoU (upsampling matters at 64x128 and above, the default size here)",
+        model="gaugan", rows=[
+            ("GauGAN nearest", dict(upsample="nearest")),
+            ("GauGAN bilinear", dict(upsample="bilinear")),
+            ("GauGAN SAU, expanded window", dict(upsample="sau", sau_window="expanded")),
+            ("GauGAN SAU, input window", dict(upsample="sau", sau_window="input")),
+        ]),
+    "edges_mech": dict(
+        purpose="ECGAN Eq. 1: does edge guidance help once edges are good (the canny rows feed the real Canny edges "
+                "to Eq. 1 and G_s; F_e stays generated), and does I' leaving [-1, 1] hurt (eq1_range half)? Read "
+                "mIoU / boundary mIoU against E+G_i, and edge F1 (is G_e learning edges at all?)",
+        model="ecgan", columns=[EDGE_F1], rows=[
+            ("E+G_i (reference)", dict(ecgan.TABLE3["E+G_i"])),
+            ("E+G_i+G_e+G_t, generated edges, Eq. 1 as written", dict(_EDGES, edge_source="generated",
+                                                                       eq1_range="paper")),
+            ("E+G_i+G_e+G_t, generated edges, I' halved", dict(_EDGES, edge_source="generated", eq1_range="half")),
+            ("E+G_i+G_e+G_t, Canny edges (oracle), Eq. 1 as written", dict(_EDGES, edge_source="canny",
+                                                                            eq1_range="paper")),
+            ("E+G_i+G_e+G_t, Canny edges (oracle), I' halved", dict(_EDGES, edge_source="canny", eq1_range="half")),
+        ]),
+    "contrast_mech": dict(
+        purpose="ECGAN Sec. 3.3 claim (ii): the pixel-wise contrastive loss (Eq. 5), and its memory bank across "
+                "images, give better class-conditional images; read mIoU and patch SWD (the intra- over inter-class "
+                "embedding distance is not measured by eval.py)",
+        model="ecgan", rows=[
+            ("ECGAN full", dict(_FULL)),
+            ("ECGAN full, no memory bank", dict(_FULL, bank_per_class=0)),
+            ("ECGAN without contrast (G_c off)", dict(_FULL, use_contrast=False)),
+        ]),
+    "classgen_mech": dict(
+        purpose="Class-specific generation (LGGAN Eqs. 2-5, ECGAN Eqs. 6-7) claims better small objects; read "
+                "small-object IoU, each model against its own row without it",
+        model=None, rows=[
+            ("LGGAN B1, global only", dict(model="lggan", **lggan.TABLE9["B1 global only"])),
+            ("LGGAN B2, + local (addition)", dict(model="lggan", **lggan.TABLE9["B2 + local, addition (Eq. 4)"])),
+            ("ECGAN full (G_c on)", dict(model="ecgan", **_FULL)),
+            ("ECGAN without G_c", dict(model="ecgan", **dict(_FULL, use_contrast=False))),
+        ]),
+}
+
 # The papers' numbers for each row on Cityscapes (mIoU, Acc, FID; None where not reported), printed beside ours
 # so that the ordering can be compared. LGGAN Table 9 gives no Acc; LGGAN++ is Table 5's "LGGAN + SAU".
 # Table 12's nearest row (62.8 / 58.7) and Table 5's GauGAN row (62.3 / 71.8) disagree in the paper itself.
@@ -64,7 +116,10 @@ PAPER = {
 
 
 def table_rows(name):
-    model, rows = TABLES[name]
+    if name in MECHANISMS:
+        model, rows = MECHANISMS[name]["model"], MECHANISMS[name]["rows"]
+    else:
+        model, rows = TABLES[name]
     if rows is None:
         rows = list({"lggan9": lggan.TABLE9, "ecgan3": ecgan.TABLE3}[name].items())
     return [(row, dict(model=model, **over) if model else dict(over)) for row, over in rows]
@@ -210,31 +265,35 @@ def write_table(name, results, out, budget_steps, seeds, seg_desc, info, num, tr
         fid_key = "FID"
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
     ceiling = first.get("mIoU (real images: segmenter ceiling)")
+    mech = MECHANISMS.get(name, {})
+    columns = NEW_COLUMNS + mech.get("columns", [])  # a mechanism table adds the metric its claim is read on
+    papers = PAPER.get(name)  # mechanism tables: no paper column (the papers ran no such experiment)
     lines = [f"{name}: {budget_steps} steps per run, seeds {list(seeds)}, {info.name} {info.height}x{info.width}, "
              f"{num} validation images, extra train.py flags: {' '.join(train_args) or 'none'}",
              f"measured by the {seg_desc}; its mIoU on real images (ceiling): "
              f"{fmt(ceiling)}, boundary mIoU {fmt(first.get('boundary mIoU (real images: segmenter ceiling)'))}, "
              f"small-object IoU {fmt(first.get('small-object IoU (real images: segmenter ceiling)'))}; "
              f"patch SWD of real vs real images (floor): {fmt(first.get('class patch SWD (real vs real: floor)'))}; "
-             f"values are mean ± (max - min) / 2 over seeds",
+             f"values are mean ± (max - min) / 2 over seeds"] + ([f"purpose: {mech['purpose']}"] if mech else []) + [
              "",
-             f"| row | flags | mIoU ↑ | Acc ↑ | {fid_key} ↓ | train s / seed | paper, Cityscapes: mIoU / Acc / FID | "
-             + " | ".join(col for _, col, _, _ in NEW_COLUMNS) + " | best or tied (ranges overlap) |",
-             "|---|---|---|---|---|---|---|" + "---|" * (len(NEW_COLUMNS) + 1)]
+             f"| row | flags | mIoU ↑ | Acc ↑ | {fid_key} ↓ | train s / seed | "
+             + ("paper, Cityscapes: mIoU / Acc / FID | " if papers else "")
+             + " | ".join(col for _, col, _, _ in columns) + " | best or tied (ranges overlap) |",
+             "|---|---|---|---|---|---|" + "---|" * (len(columns) + 1 + bool(papers))]
     scored = [("mIoU", True, "mIoU"), ("pixel accuracy", True, "Acc"), (fid_key, False, "FID")] + [
-        (k, hi, short) for k, _, hi, short in NEW_COLUMNS]
+        (k, hi, short) for k, _, hi, short in columns]
     values = lambda r, k: [s["metrics"].get(k) for s in r["runs"]]
     ties = {short: tied_for_best([values(r, k) for r in results], hi) for k, hi, short in scored}
-    for i, (r, paper) in enumerate(zip(results, PAPER[name], strict=True)):
+    for i, (r, paper) in enumerate(zip(results, papers or [None] * len(results), strict=True)):
         get = lambda k: values(r, k)
         t = statistics.fmean(s["train_s"] for s in r["runs"])
         cmd = f"--model {r['model']} {r['flags']}".strip()
-        paper = " / ".join("-" if v is None else str(v) for v in paper)
+        paper = f"{' / '.join('-' if v is None else str(v) for v in paper)} | " if papers else ""
         best = ", ".join(short for _, _, short in scored if i in ties[short]) or "-"
         lines.append(f"| {r['row']} | `{cmd}` | "
                      f"{mean_spread(get('mIoU'))} | {mean_spread(get('pixel accuracy'))} | "
-                     f"{mean_spread(get(fid_key))} | {t:.0f} | {paper} | "
-                     + " | ".join(mean_spread(get(k)) for k, _, _, _ in NEW_COLUMNS) + f" | {best} |")
+                     f"{mean_spread(get(fid_key))} | {t:.0f} | {paper}"
+                     + " | ".join(mean_spread(get(k)) for k, _, _, _ in columns) + f" | {best} |")
     lines += ["", "Ties (the best row and every row whose range over seeds overlaps it): " + "; ".join(
         f"{short}: {', '.join(results[i]['row'] for i in ties[short]) or 'n/a'}" for _, _, short in scored)]
     text = "\n".join(lines) + "\n"
@@ -352,7 +411,7 @@ def main(argv=None):
     import train
     p = data.ArgumentParser(description=__doc__.split("\n\n")[0],
                             epilog="Unknown flags are passed to every train.py run.")
-    p.add_argument("table", choices=sorted(TABLES) + ["sanity"])
+    p.add_argument("table", choices=sorted(TABLES) + sorted(MECHANISMS) + ["sanity"])
     p.add_argument("--budget_steps", type=int, default=None, help="training steps of every run (required for a table)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--ckpt", default=None, help="sanity: the trained checkpoint to rank")

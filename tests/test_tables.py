@@ -1,5 +1,6 @@
 """tables.py: every row of every table is a valid train.py command that sets what the row says."""
 import pytest
+import torch
 
 import tables
 import train
@@ -133,3 +134,69 @@ def test_write_table_shows_new_metrics_and_ties(tmp_path):
     assert [b[10] for b in body] == ["-", "mIoU", "mIoU, SWD", "-", "SWD"]
     assert "ceiling): 0.900" in lines[1]
     assert lines[-1].startswith("Ties") and f"mIoU: {rows[1][0]}, {rows[2][0]}" in lines[-1]
+
+
+@pytest.mark.parametrize("name", sorted(tables.MECHANISMS))
+def test_mechanism_rows_parse_and_build_on_the_meta_device(name):
+    """Every row of a mechanism table is a train.py command at the default 64x128 that sets what the row says and
+    builds (shapes only); the table states its purpose and has distinct run folders."""
+    import data
+    info = data.make_dataset("synthetic", split="train", size=(64, 128)).info
+    rows = tables.table_rows(name)
+    assert len(tables.MECHANISMS[name]["purpose"]) > 40 and "read" in tables.MECHANISMS[name]["purpose"].lower()
+    assert len(rows) >= 3 and len({tables.slug(r) for r, _ in rows}) == len(rows)
+    for row, over in rows:
+        over = dict(over)
+        model = over.pop("model")
+        tcfg, mcfg = train.parse_args(["--model", model, "--height", "64", "--width", "128", *tables.flags(over)])
+        assert tcfg.model == model
+        for k, v in over.items():
+            assert getattr(mcfg, k) == v, (name, row, k)
+        with torch.device("meta"):
+            G, D = train.MODELS[model].build(mcfg, info)
+        assert sum(p.numel() for p in G.parameters()) > 0, (name, row)
+
+
+def test_mechanism_tables_isolate_their_switch():
+    import ecgan
+    sau = [(o["upsample"], o.get("sau_window")) for _, o in tables.table_rows("sau_mech")]
+    assert sau == [("nearest", None), ("bilinear", None), ("sau", "expanded"), ("sau", "input")]
+    edges = tables.table_rows("edges_mech")
+    assert edges[0][1] == dict(model="ecgan", **ecgan.TABLE3["E+G_i"])
+    grid = {(o["edge_source"], o["eq1_range"]) for _, o in edges[1:]}
+    assert grid == {(s, r) for s in ("generated", "canny") for r in ("paper", "half")} and len(edges) == 5
+    for _, o in edges[1:]:  # each edge row is Table 3's E+G_i+G_e+G_t plus the two switches, nothing else
+        assert {k: v for k, v in o.items() if k not in ("edge_source", "eq1_range", "model")} == \
+            ecgan.TABLE3["E+G_i+G_e+G_t"]
+    full = dict(model="ecgan", **ecgan.TABLE3["E+G_i+G_e+G_t+G_s+G_l+G_c"])
+    assert [o for _, o in tables.table_rows("contrast_mech")] == [full, dict(full, bank_per_class=0),
+                                                                  dict(full, use_contrast=False)]
+    cg = [o for _, o in tables.table_rows("classgen_mech")]
+    assert cg[0] == dict(model="lggan", local=False) and cg[1]["model"] == "lggan" and cg[1].get("local", True)
+    assert cg[2:] == [full, dict(full, use_contrast=False)]
+
+
+def test_mechanism_table_renders_its_purpose_and_extra_column_without_paper_numbers(tmp_path):
+    import types
+    info = types.SimpleNamespace(name="synthetic", height=64, width=128)
+    rows = tables.table_rows("edges_mech")
+    results = [{"row": row, "model": "ecgan", "flags": "", "runs": [
+        {"seed": s, "train_s": 5.0, "metrics": {"mIoU": 0.5, "edge F1": None if i == 0 else 0.1 * i + 0.01 * s}}
+        for s in (0, 1)]} for i, (row, _) in enumerate(rows)]
+    tables.write_table("edges_mech", results, tmp_path, 10, [0, 1], "test segmenter", info, 8, [])
+    lines = (tmp_path / "table_edges_mech.md").read_text().splitlines()
+    assert lines[2] == "purpose: " + tables.MECHANISMS["edges_mech"]["purpose"]
+    head = [c.strip() for c in lines[4].strip("|").split("|")]
+    assert "paper" not in lines[4] and head[6:] == ["boundary mIoU ↑", "small-object IoU ↑", "patch SWD ↓",
+                                                    "edge F1 ↑", "best or tied (ranges overlap)"]
+    assert lines[5].count("|") == lines[4].count("|")
+    body = [[c.strip() for c in l.strip("|").split("|")] for l in lines[6:11]]
+    assert [b[9] for b in body] == ["n/a", "0.105 ± 0.005", "0.205 ± 0.005", "0.305 ± 0.005", "0.405 ± 0.005"]
+    assert body[4][10] == "mIoU, edgeF1" and body[0][10] == "mIoU"  # all tied on mIoU
+
+
+def test_mechanism_tables_are_cli_choices(capsys):
+    for name in tables.MECHANISMS:
+        with pytest.raises(SystemExit):
+            tables.main([name])
+        assert f"{name}: --budget_steps N is required" in capsys.readouterr().err
