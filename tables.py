@@ -268,13 +268,16 @@ def write_table(name, results, out, budget_steps, seeds, seg_desc, info, num, tr
     mech = MECHANISMS.get(name, {})
     columns = NEW_COLUMNS + mech.get("columns", [])  # a mechanism table adds the metric its claim is read on
     papers = PAPER.get(name)  # mechanism tables: no paper column (the papers ran no such experiment)
+    edge_base = next((s["metrics"].get("edge F1 (every pixel an edge: baseline)") for r in results for s in r["runs"]
+                      if s["metrics"].get("edge F1 (every pixel an edge: baseline)") is not None), None)
     lines = [f"{name}: {budget_steps} steps per run, seeds {list(seeds)}, {info.name} {info.height}x{info.width}, "
              f"{num} validation images, extra train.py flags: {' '.join(train_args) or 'none'}",
              f"measured by the {seg_desc}; its mIoU on real images (ceiling): "
              f"{fmt(ceiling)}, boundary mIoU {fmt(first.get('boundary mIoU (real images: segmenter ceiling)'))}, "
              f"small-object IoU {fmt(first.get('small-object IoU (real images: segmenter ceiling)'))}; "
              f"patch SWD of real vs real images (floor): {fmt(first.get('class patch SWD (real vs real: floor)'))}; "
-             f"values are mean ± (max - min) / 2 over seeds"] + ([f"purpose: {mech['purpose']}"] if mech else []) + [
+             f"values are mean ± (max - min) / 2 over seeds"] + ([f"purpose: {mech['purpose']}"] if mech else []) + (
+             [f"edge F1 of an edge map marking every pixel (baseline): {fmt(edge_base)}"] if edge_base else []) + [
              "",
              f"| row | flags | mIoU ↑ | Acc ↑ | {fid_key} ↓ | train s / seed | "
              + ("paper, Cityscapes: mIoU / Acc / FID | " if papers else "")

@@ -709,6 +709,11 @@ def test_eval_reports_edge_fscore_for_ecgan_only(tmp_path, monkeypatch):
     for key, v in zip(("edge precision", "edge recall", "edge F1"), want):
         assert (m[key] is None and math.isnan(v)) or m[key] == pytest.approx(v), key
     assert "within 1 px" in res["protocol"]["edge F1"]
+    true = data.canny(b["image"])
+    base = metrics.edge_fscore(metrics.edge_match_counts(torch.ones_like(true), true))[2]
+    assert m["edge F1 (every pixel an edge: baseline)"] == pytest.approx(base)
+    near = (torch.nn.functional.max_pool2d(true, 3, 1, 1) > 0).float().mean().item()  # precision; recall is 1
+    assert base == pytest.approx(2 * near / (near + 1))
     ckpt2 = tmp_path / "run2" / "ckpt.pt"
     ckpt2.parent.mkdir()
     _tiny_gaugan_checkpoint(ckpt2)

@@ -181,16 +181,18 @@ def test_mechanism_table_renders_its_purpose_and_extra_column_without_paper_numb
     info = types.SimpleNamespace(name="synthetic", height=64, width=128)
     rows = tables.table_rows("edges_mech")
     results = [{"row": row, "model": "ecgan", "flags": "", "runs": [
-        {"seed": s, "train_s": 5.0, "metrics": {"mIoU": 0.5, "edge F1": None if i == 0 else 0.1 * i + 0.01 * s}}
+        {"seed": s, "train_s": 5.0, "metrics": {"mIoU": 0.5, "edge F1": None if i == 0 else 0.1 * i + 0.01 * s,
+                                                "edge F1 (every pixel an edge: baseline)": None if i == 0 else 0.65}}
         for s in (0, 1)]} for i, (row, _) in enumerate(rows)]
     tables.write_table("edges_mech", results, tmp_path, 10, [0, 1], "test segmenter", info, 8, [])
     lines = (tmp_path / "table_edges_mech.md").read_text().splitlines()
     assert lines[2] == "purpose: " + tables.MECHANISMS["edges_mech"]["purpose"]
-    head = [c.strip() for c in lines[4].strip("|").split("|")]
-    assert "paper" not in lines[4] and head[6:] == ["boundary mIoU ↑", "small-object IoU ↑", "patch SWD ↓",
+    assert lines[3] == "edge F1 of an edge map marking every pixel (baseline): 0.650"
+    head = [c.strip() for c in lines[5].strip("|").split("|")]
+    assert "paper" not in lines[5] and head[6:] == ["boundary mIoU ↑", "small-object IoU ↑", "patch SWD ↓",
                                                     "edge F1 ↑", "best or tied (ranges overlap)"]
-    assert lines[5].count("|") == lines[4].count("|")
-    body = [[c.strip() for c in l.strip("|").split("|")] for l in lines[6:11]]
+    assert lines[6].count("|") == lines[5].count("|")
+    body = [[c.strip() for c in l.strip("|").split("|")] for l in lines[7:12]]
     assert [b[9] for b in body] == ["n/a", "0.105 ± 0.005", "0.205 ± 0.005", "0.305 ± 0.005", "0.405 ± 0.005"]
     assert body[4][10] == "mIoU, edgeF1" and body[0][10] == "mIoU"  # all tied on mIoU
 
