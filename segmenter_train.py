@@ -113,7 +113,10 @@ def train_segmenter(dataset, info, steps=2000, batch_size=8, device="cpu", out_p
     loader = torch.utils.data.DataLoader(dataset, batch_size=min(batch_size, len(dataset)), shuffle=True,
                                          drop_last=True, generator=gen)
     opt = torch.optim.Adam(seg.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
+    # warm up over 10% of the steps; OneCycleLR's phases end at pct * steps - 1 and steps - 1, and it divides by
+    # their lengths: keep the first end at least 0.5 (10 steps gave 0, a division by zero); unchanged from 15 steps
+    pct = max(0.1, 1.5 / steps) if steps >= 2 else 0.1
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=pct)
     ignore_index = info.num_classes if info.dontcare else -100
     seg.train()
     it = _forever(loader, dataset)

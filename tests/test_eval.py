@@ -193,6 +193,14 @@ def _synthetic(split, n, crossview=False):
     return [ds[i] for i in range(n)], ds.info
 
 
+@pytest.mark.parametrize("steps", [1, 2, 9, 10, 11])
+def test_segmenter_trains_any_number_of_steps(steps):
+    """The one-cycle schedule needs a warm-up of at least one step: 10 steps (10% = 1) divided by zero once."""
+    train_items, info = _synthetic("train", 8)
+    seg = segmenter_train.train_segmenter(train_items, info, steps=steps, batch_size=4, width=4, progress=False)
+    assert all(torch.isfinite(p).all() for p in seg.parameters())
+
+
 @pytest.mark.slow
 def test_segmenter_trains_on_synthetic_scenes_and_beats_chance(tmp_path):
     train_items, info = _synthetic("train", 64)
