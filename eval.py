@@ -17,7 +17,8 @@ the CVPR 2020 LGGAN paper), one file per piece a reader looks for:
                       ids), the same in a band of --band_px pixels around label boundaries, the IoU of the
                       --small_classes, and class-conditional realism (sliced Wasserstein distance of 7x7 patches
                       inside each class, generated vs real, no pretrained network), for ECGAN the edge F-score
-                      of its generated edges against Canny of the real image (1 px tolerance); cross-view SSIM, PSNR,
+                      of its generated edges against Canny of the real image (1 px tolerance) and the structure
+                      of its contrastive embeddings (intra- / inter-class cosine distance); cross-view SSIM, PSNR,
                       sharpness difference and, with a scene classifier (--classifier), top-k accuracy, KL and
                       inception-style scores
   segmenter_train.py  the built-in segmenter (when no --segmenter is given): trained on real training images with
@@ -29,6 +30,7 @@ and accumulate, measure and report. Flags are spelled with underscores; the old 
 """
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -44,7 +46,8 @@ from evalrun import EvalError, load_run, one_line, pick_device
 from fid import FID_WEIGHTS_URL, fid_from_features, load_fid_inception
 from figures import make_figures
 from metrics import (PSNR_CAP, ClassPatches, class_names_of, class_swd, classifier_metrics, confusions_of,
-                     default_band_px, default_ignore, edge_fscore, edge_match_counts, eval_classes, finite,
+                     balanced_pixels, default_band_px, default_ignore, edge_fscore, edge_match_counts,
+                     embedding_sums, eval_classes, finite, structure_from_sums,
                      generated_edges, load_classifier, protocol_ids, psnr,
                      scored_label, segmentation_scores, sharpness_difference, small_class_ids, small_object_iou,
                      ssim, to_unit)
@@ -138,24 +141,57 @@ def _accumulate(acc, nets, fake, real, label, info, ignore, band_px=0):
         acc["logits"]["real"].append(nets.clf(real).float().cpu())
 
 
+@contextlib.contextmanager
+def _shared_feature(G):
+    """For a generator with a projection head (ECGAN with use_contrast): a list that receives F, the shared feature
+    of each forward, via a forward pre-hook on G_c (ecgan.ECGANGenerator.forward calls
+    self.class_generator(feat, masks)); None for other generators. The hook returns nothing, so G's outputs are
+    unchanged; it is removed on exit."""
+    if getattr(G, "projection", None) is None:
+        yield None
+        return
+    feats = []
+    hook = G.class_generator.register_forward_pre_hook(lambda module, args: feats.append(args[0]))
+    try:
+        yield feats
+    finally:
+        hook.remove()
+
+
+def _contrast_embeddings(G, feat, seg, info, per_class, gen):
+    """ECGAN's contrastive embeddings of one batch, as its forward makes Eq. 5's (ecgan.ECGANGenerator.forward):
+    pixels of the shared feature F (B, C, H, W), labelled by the input one-hot's argmax, projected by G.projection;
+    but at most per_class pixels per class drawn with the seeded gen (balanced_pixels), dontcare left out.
+    Returns embedding_sums of them."""
+    labels = seg[:, :info.label_nc].argmax(1).flatten()  # (B*H*W,), dontcare = num_classes
+    idx = balanced_pixels(labels, per_class, gen, ignore=(info.num_classes,) if info.dontcare else ())
+    pixels = feat.permute(0, 2, 3, 1).reshape(-1, feat.shape[1])[idx.to(feat.device)]  # (K, C)
+    return embedding_sums(G.projection(pixels).float(), labels.cpu()[idx], info.num_classes)
+
+
 def generate(run, nets, out, n_total, batch_size, ignore, grid_rows=8, save_images=True, progress=True, band_px=0,
-             patches_per_class=1024, edge_tol=1):
+             patches_per_class=1024, edge_tol=1, emb_per_class=100):
     """Sample G on the first n_total validation images, write them (<out>/{fake,real}/*.png and a grid of the first
     grid_rows) and accumulate what the metrics need. Returns {"done": images, "feats", "conf", "band", "patches",
     "floor", "pix", "logits"}. Patches: at most patches_per_class per class, seeded (ClassPatches); the floor
     compares the real images of even and odd index. A model whose sample() has an "edge" column (ECGAN's I_e') also
     gets edge F-score counts against the real images' Canny edges within edge_tol pixels ("edge": (2, 4), row 0
-    for its edges, row 1 for an edge map marking every pixel, the baseline)."""
+    for its edges, row 1 for an edge map marking every pixel, the baseline). A generator with a projection head
+    (ECGAN with use_contrast) also gets the embedding_sums of at most emb_per_class pixels per class and batch of
+    its shared feature F, projected ("emb"); F is read by a forward pre-hook on G_c (ecgan.ECGANGenerator.forward
+    calls self.class_generator(feat, masks)): sample()'s own forward, no second pass, the same z."""
     n_cls = eval_classes(run.info)[1]
     patches = lambda names, seed: ClassPatches(n_cls, names, cap=patches_per_class, seed=seed, ignore=ignore)
     acc = {"done": 0, "feats": {"real": [], "fake": []}, "logits": {"real": [], "fake": []},
            "conf": {"real": 0, "fake": 0}, "band": {"real": 0, "fake": 0},
            "patches": patches(("fake", "real"), 0), "floor": {"a": patches(("real",), 1), "b": patches(("real",), 2)},
-           "pix": {"SSIM": [], "PSNR": [], "sharpness difference": []}, "edge": None, "edge_tol": edge_tol}
+           "pix": {"SSIM": [], "PSNR": [], "sharpness difference": []}, "edge": None, "edge_tol": edge_tol,
+           "emb": None, "emb_per_class": emb_per_class}
     grid = None
+    G, gen = getattr(run.G, "module", run.G), torch.Generator().manual_seed(0)
     (out / "fake").mkdir(exist_ok=True), (out / "real").mkdir(exist_ok=True)
     loader = torch.utils.data.DataLoader(run.val, batch_size=batch_size, shuffle=False)
-    with torch.no_grad():
+    with torch.no_grad(), _shared_feature(G) as feats:
         bar = tqdm(total=n_total, desc=f"eval {run.model}", unit="img", disable=not progress)
         for batch in loader:
             done = acc["done"]
@@ -176,6 +212,10 @@ def generate(run, nets, out, n_total, batch_size, ignore, grid_rows=8, save_imag
                 c = torch.stack([edge_match_counts(generated_edges(cols["edge"]), true, edge_tol),
                                  edge_match_counts(torch.ones_like(true), true, edge_tol)])
                 acc["edge"] = c if acc["edge"] is None else acc["edge"] + c
+            if feats is not None:  # the first forward's F (use_vae's sample() runs G twice, the second with prior z)
+                e = _contrast_embeddings(G, feats[0], b["input"], run.info, emb_per_class, gen)
+                acc["emb"] = e if acc["emb"] is None else tuple(x + y for x, y in zip(acc["emb"], e))
+                feats.clear()
             acc["done"] += k
             bar.update(k)
         bar.close()
@@ -273,6 +313,16 @@ def measure(run, nets, acc, ignore, notes, band_px=0, small_ids=(), num_proj=128
         key = "edge F1 (every pixel an edge: baseline)"  # Canny maps of small images are dense: what a useless
         metrics[key] = edge_fscore(acc["edge"][1])[2]     # edge map scores
         protocol[key] = "an edge map marking every pixel, scored as above"
+    if acc.get("emb") is not None:  # ECGAN Sec. 3.3 (ii): intra-class compactness and inter-class dispersion
+        st, n = structure_from_sums(*acc["emb"]), acc["emb"][2]
+        how = (f"G's shared feature F at {hw} through its projection head, L2-normalised (Eq. 4): at most "
+               f"{acc['emb_per_class']} pixels per class and batch (seeded, dontcare left out), {int(n.sum())} "
+               f"pixels of {int((n > 0).sum())} classes over {done} images; cosine distance 1 - cos over pairs of "
+               f"distinct pixels, mean per class then over classes (inter: over class pairs); ratio intra / inter, "
+               f"lower: more compact and dispersed classes")
+        for key, k in (("embedding intra-class cosine distance", "intra"),
+                       ("embedding inter-class cosine distance", "inter"), ("embedding intra/inter ratio", "ratio")):
+            metrics[key], protocol[key] = st[k], how
     if info.task == "crossview":
         for key, vals in acc["pix"].items():
             metrics[key] = float(torch.cat(vals).mean())
@@ -290,12 +340,13 @@ def measure(run, nets, acc, ignore, notes, band_px=0, small_ids=(), num_proj=128
 def evaluate(ckpt_path, dataset=None, dataroot=None, out=None, num=None, batch_size=8, device="auto",
              inception=None, segmenter=None, classifier=None, seg_steps=None, ignore=None, grid_rows=8,
              save_images=True, progress=True, band_px=None, small_classes=None, patches_per_class=1024,
-             swd_projections=128, edge_tol=1):
+             swd_projections=128, edge_tol=1, emb_per_class=100):
     """Generate the validation set from a training checkpoint, compute every metric that applies, print a table and
     write <out>/metrics.json. Returns the results dict. Every input file is checked before anything is written or
     trained. seg_steps None: the built-in segmenter's steps scale to the data (auto_segmenter_steps). band_px None:
     default_band_px of the run's height (0: no boundary metrics); small_classes None: the dataset's default list.
-    edge_tol: the edge F-score's tolerance in pixels (models with a generated edge map, ECGAN)."""
+    edge_tol: the edge F-score's tolerance in pixels (models with a generated edge map, ECGAN). emb_per_class:
+    pixels per class and batch for the embedding structure (generators with a projection head, ECGAN's G_c)."""
     run = load_run(ckpt_path, pick_device(device), dataset, dataroot)                           # 1. load
     out = Path(out) if out else Path(run.path).parent / "eval"
     notes = []
@@ -312,7 +363,7 @@ def evaluate(ckpt_path, dataset=None, dataroot=None, out=None, num=None, batch_s
     t0 = time.time()
     n_total = min(num or len(run.val), len(run.val))
     acc = generate(run, nets, out, n_total, batch_size, ignore, grid_rows, save_images, progress,  # 2. generate
-                   band_px, patches_per_class, edge_tol)
+                   band_px, patches_per_class, edge_tol, emb_per_class)
     metrics, protocol, per_class = measure(run, nets, acc, ignore, notes, band_px, small_ids,     # 3. measure
                                            swd_projections)
     info = run.info

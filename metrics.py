@@ -17,6 +17,9 @@ metrics.py: the numbers eval.py reports besides FID, each with the protocol it f
   edge F-score      precision / recall / F1 of a generated edge map (ECGAN's I_e' at sigmoid > 0.5) against the
                     Canny edges of the real image, within a tolerance of t pixels (generated_edges,
                     edge_match_counts, edge_fscore).
+  embeddings        ECGAN Sec. 3.3's "intra-class compactness and inter-class dispersion" of the contrastive
+                    embeddings: mean intra- and inter-class cosine distance over pairs of distinct pixels and their
+                    ratio (balanced_pixels, embedding_sums, structure_from_sums, embedding_structure).
 Pure functions of tensors, except load_classifier (a file) and eval_classes (data.py's Cityscapes ids).
 """
 
@@ -226,6 +229,75 @@ def edge_fscore(counts):
     if not n_p or not n_t or prec + rec == 0:
         return prec, rec, 0.0
     return prec, rec, 2 * prec * rec / (prec + rec)
+
+
+def balanced_pixels(labels, per_class, gen, ignore=()):
+    """Indices of at most per_class pixels of each class in labels (M,), drawn without replacement with the
+    torch.Generator gen (seeded by the caller), classes in `ignore` left out: the class-balanced sample that
+    embedding_structure expects (as ecgan.sample_anchors draws Eq. 5's anchors, but seeded)."""
+    labels = labels.cpu()
+    picks = [labels.new_zeros(0)]
+    for c in labels.unique().tolist():
+        if c in ignore:
+            continue
+        idx = (labels == c).nonzero().squeeze(1)
+        picks.append(idx[torch.randperm(len(idx), generator=gen)[:per_class]])
+    return torch.cat(picks)
+
+
+def embedding_sums(emb, labels, num_classes):
+    """Per class, of the L2-normalised embeddings (Eq. 4) emb (M, D) with classes labels (M,) in [0, num_classes):
+    (sum of the vectors (num_classes, D), sum of their squared norms (num_classes,), count (num_classes,)), float64.
+    Additive over batches, so embedding_structure's numbers come from a stream in O(num_classes * D) memory."""
+    if emb.dim() != 2 or labels.shape != emb.shape[:1]:
+        raise ValueError(f"embeddings must be (M, D) with labels (M,), got {tuple(emb.shape)} and "
+                         f"{tuple(labels.shape)}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"embedding labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}")
+    z = F.normalize(emb.detach().double(), dim=1)  # a zero vector stays zero: cosine 0 with everything
+    lab = labels.long().to(z.device)
+    s = z.new_zeros(num_classes, z.shape[1]).index_add_(0, lab, z)
+    q = z.new_zeros(num_classes).index_add_(0, lab, (z * z).sum(1))
+    n = z.new_zeros(num_classes).index_add_(0, lab, torch.ones_like(q[:1]).expand(len(lab)))
+    return s.cpu(), q.cpu(), n.cpu()
+
+
+def structure_from_sums(s, q, n, average="class"):
+    """ECGAN Sec. 3.3 (ii), "intra-class compactness and inter-class dispersion", of an embedding space: cosine
+    distance 1 - cos(z_i, z_j) over pairs of DISTINCT pixels i != j, from embedding_sums (s, q, n). Closed forms:
+    the cosines summed over a class's ordered pairs are |s_c|^2 - q_c (the i == j terms removed), between classes
+    c != d they are s_c . s_d. average="class" (our reading): the mean over each class's pairs, then over classes
+    (intra, classes with >= 2 pixels) or over class pairs (inter, classes with >= 1), so a class counts once however
+    many pixels it has; "pair": the mean over all same-class (intra) or different-class (inter) pixel pairs.
+    Returns {"intra", "inter", "ratio"}: ratio = intra / inter, lower = better structured. NaN (JSON null) where
+    undefined: intra without a class of 2 pixels, inter without 2 classes, the ratio when inter is NaN or < 1e-9
+    (no spread between classes, e.g. every embedding the same: 0 / 0). Distances are clamped at 0 (rounding)."""
+    if average not in ("class", "pair"):
+        raise ValueError(f"embedding structure average={average!r}: expected 'class' or 'pair'")
+    s, q, n = s.double(), q.double(), n.double()
+    same = (s * s).sum(1) - q                      # (C,) cosines over ordered pairs i != j within each class
+    cross = s @ s.T                                 # (C, C) cosines over pairs between classes (off-diagonal)
+    pairs_same, pairs_cross = n * (n - 1), n[:, None] * n[None, :]
+    off = ~torch.eye(len(n), dtype=torch.bool)
+    nan = float("nan")
+    if average == "class":
+        has2, pres = n >= 2, (n[:, None] >= 1) & (n[None, :] >= 1) & off
+        intra = float((1 - same[has2] / pairs_same[has2]).mean()) if has2.any() else nan
+        inter = float((1 - cross[pres] / pairs_cross[pres]).mean()) if pres.any() else nan
+    else:
+        ps, pc = float(pairs_same.sum()), float(pairs_cross[off].sum())
+        intra = 1 - float(same.sum()) / ps if ps else nan
+        inter = 1 - float(cross[off].sum()) / pc if pc else nan
+    intra, inter = (max(v, 0.0) if v == v else v for v in (intra, inter))
+    ratio = intra / inter if inter == inter and inter >= 1e-9 else nan
+    return {"intra": intra, "inter": inter, "ratio": ratio}
+
+
+def embedding_structure(emb, labels, average="class"):
+    """structure_from_sums of embeddings emb (M, D) with class ids labels (M,) (>= 0), all pairs in closed form
+    (O(M D), no M x M matrix). Class-balanced sampling (balanced_pixels) is the caller's job."""
+    return structure_from_sums(*embedding_sums(emb, labels, int(labels.max()) + 1 if len(labels) else 0),
+                               average=average)
 
 
 def small_class_ids(info, given=None):

@@ -728,3 +728,116 @@ def test_eval_reports_edge_fscore_for_ecgan_only(tmp_path, monkeypatch):
     res2 = evaluation.evaluate(ckpt2, out=tmp_path / "eval2", num=2, batch_size=2, seg_steps=0, save_images=False,
                                progress=False, device="cpu", patches_per_class=16)
     assert "edge F1" not in res2["metrics"]
+
+
+def _naive_structure(emb, labels):
+    """Mean cosine distances by loops over pairs i != j: per class then over classes (intra), per class pair then
+    over class pairs (inter); and over all pairs (pair)."""
+    z = torch.nn.functional.normalize(emb.double(), dim=1)
+    d = {}
+    for i in range(len(z)):
+        for j in range(len(z)):
+            if i != j:
+                d.setdefault((int(labels[i]), int(labels[j])), []).append(1 - float(z[i] @ z[j]))
+    mean = lambda v: sum(v) / len(v)
+    intra = mean([mean(v) for (a, b), v in d.items() if a == b])
+    inter = mean([mean(v) for (a, b), v in d.items() if a < b])
+    pair_intra = mean([x for (a, b), v in d.items() if a == b for x in v])
+    pair_inter = mean([x for (a, b), v in d.items() if a != b for x in v])
+    return intra, inter, pair_intra, pair_inter
+
+
+def test_embedding_structure_closed_forms_and_naive_pairs():
+    e0, e1 = torch.tensor([1.0, 0, 0]), torch.tensor([0, 2.0, 0])  # two tight orthogonal clusters (any norm)
+    st = metrics.embedding_structure(torch.stack([e0, e0, e0, e1, e1]), torch.tensor([0, 0, 0, 1, 1]))
+    assert st["intra"] == pytest.approx(0, abs=1e-12) and st["inter"] == pytest.approx(1)
+    assert st["ratio"] == pytest.approx(0, abs=1e-12)
+    st = metrics.embedding_structure(torch.stack([e0, -e0, e1, -e1]), torch.tensor([0, 0, 1, 1]))  # antipodal
+    assert st["intra"] == pytest.approx(2) and st["inter"] == pytest.approx(1) and st["ratio"] == pytest.approx(2)
+    same = metrics.embedding_structure(torch.ones(6, 4), torch.tensor([0, 0, 1, 1, 2, 2]))  # all identical: 0 / 0
+    assert same["intra"] == pytest.approx(0, abs=1e-12) and same["inter"] == pytest.approx(0, abs=1e-12)
+    assert math.isnan(same["ratio"])
+    one = metrics.embedding_structure(torch.randn(5, 3), torch.zeros(5, dtype=torch.long))  # one class: no inter
+    assert math.isnan(one["inter"]) and math.isnan(one["ratio"]) and 0 <= one["intra"] <= 2
+    single = metrics.embedding_structure(torch.eye(3), torch.tensor([0, 1, 2]))  # one pixel a class: no intra
+    assert math.isnan(single["intra"]) and single["inter"] == pytest.approx(1) and math.isnan(single["ratio"])
+    torch.manual_seed(0)  # unequal classes: "class" and "pair" averages differ; both equal their loops
+    emb, lab = torch.randn(23, 5), torch.tensor([0] * 12 + [1] * 3 + [3] * 8)
+    intra, inter, p_intra, p_inter = _naive_structure(emb, lab)
+    st, sp = metrics.embedding_structure(emb, lab), metrics.embedding_structure(emb, lab, average="pair")
+    assert st["intra"] == pytest.approx(intra) and st["inter"] == pytest.approx(inter)
+    assert sp["intra"] == pytest.approx(p_intra) and sp["inter"] == pytest.approx(p_inter)
+    assert st["ratio"] == pytest.approx(intra / inter) and abs(st["intra"] - sp["intra"]) > 1e-3
+    s1, s2 = metrics.embedding_sums(emb[:10], lab[:10], 4), metrics.embedding_sums(emb[10:], lab[10:], 4)
+    summed = metrics.structure_from_sums(*(a + b for a, b in zip(s1, s2)))  # additive over batches
+    assert summed["intra"] == pytest.approx(intra) and summed["inter"] == pytest.approx(inter)
+    with pytest.raises(ValueError, match="average"):
+        metrics.embedding_structure(emb, lab, average="mean")
+    with pytest.raises(ValueError, match=r"\[0, 2\)"):
+        metrics.embedding_sums(emb, lab, 2)
+
+
+def test_balanced_pixels_caps_each_class_is_seeded_and_skips_ignored():
+    lab = torch.tensor([0] * 50 + [1] * 3 + [2] * 20)
+    idx = metrics.balanced_pixels(lab, 10, torch.Generator().manual_seed(0), ignore=(2,))
+    assert torch.bincount(lab[idx], minlength=3).tolist() == [10, 3, 0] and len(set(idx.tolist())) == 13
+    again = metrics.balanced_pixels(lab, 10, torch.Generator().manual_seed(0), ignore=(2,))
+    assert torch.equal(idx, again)
+
+
+def test_eval_reports_embedding_structure_for_ecgan_with_contrast_only(tmp_path):
+    """An ECGAN with a projection head (use_contrast): eval reports intra / inter / ratio of its contrastive
+    embeddings, equal to a recomputation that builds F through the encoder directly (not the eval hook), samples
+    the same seeded pixels per batch and takes the pairs by loops; a GauGAN run reports none."""
+    import dataclasses
+    import ecgan
+    samples, info = _synthetic("val", 4)
+    cfg = ecgan.ECGANConfig(ngf=8, ndf=4, n_layers_D=2, proj_dim=8, use_label_gen=False, bank_per_class=0)
+    torch.manual_seed(0)
+    G, D = ecgan.build(cfg, info)
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    ckpt.parent.mkdir()
+    torch.save({"model": "ecgan", "model_cfg": dataclasses.asdict(cfg), "train_cfg": {"dataset": "synthetic"},
+                "info": dataclasses.asdict(info), "G": G.state_dict(), "D": D.state_dict(), "opt_G": {},
+                "opt_D": {}, "scaler": None, "step": 1, "rng": []}, ckpt)
+    res = evaluation.evaluate(ckpt, out=tmp_path / "eval", num=4, batch_size=2, seg_steps=0, save_images=False,
+                              progress=False, device="cpu", patches_per_class=16, emb_per_class=5)
+    m = res["metrics"]
+    from evalrun import load_run
+    run = load_run(ckpt, torch.device("cpu"))
+    gen, embs, labs = torch.Generator().manual_seed(0), [], []
+    with torch.no_grad():
+        for i in (0, 2):
+            b = run.prepare(torch.utils.data.default_collate([run.val[i], run.val[i + 1]]))
+            enc = run.G.encoder
+            feat = enc.trunk(enc.head(b["input"]), b["input"])  # F, as ECGANGenerator.forward makes it
+            lab = b["input"][:, :info.label_nc].argmax(1).flatten()
+            idx = metrics.balanced_pixels(lab, 5, gen, ignore=(info.num_classes,) if info.dontcare else ())
+            assert torch.bincount(lab[idx]).max() <= 5 and len(lab[idx].unique()) >= 2
+            embs.append(run.G.projection(feat.permute(0, 2, 3, 1).reshape(-1, feat.shape[1])[idx]))
+            labs.append(lab[idx])
+    intra, inter, _, _ = _naive_structure(torch.cat(embs), torch.cat(labs))
+    assert m["embedding intra-class cosine distance"] == pytest.approx(intra, rel=1e-5)
+    assert m["embedding inter-class cosine distance"] == pytest.approx(inter, rel=1e-5)
+    assert m["embedding intra/inter ratio"] == pytest.approx(intra / inter, rel=1e-5)
+    assert "at most 5 pixels per class and batch" in res["protocol"]["embedding intra/inter ratio"]
+    assert f"{sum(len(x) for x in labs)} pixels" in res["protocol"]["embedding intra/inter ratio"]
+    ckpt2 = tmp_path / "run2" / "ckpt.pt"
+    ckpt2.parent.mkdir()
+    _tiny_gaugan_checkpoint(ckpt2)
+    res2 = evaluation.evaluate(ckpt2, out=tmp_path / "eval2", num=2, batch_size=2, seg_steps=0, save_images=False,
+                               progress=False, device="cpu", patches_per_class=16)
+    assert not any(k.startswith("embedding") for k in res2["metrics"])
+
+
+def test_contrast_embeddings_leave_dontcare_out():
+    from types import SimpleNamespace
+    info = SimpleNamespace(label_nc=3, num_classes=2, dontcare=True)  # channel 2: dontcare
+    lab = torch.tensor([[0, 0, 1, 2], [2, 2, 1, 0]]).view(1, 2, 4)
+    seg = torch.nn.functional.one_hot(lab, 3).permute(0, 3, 1, 2).float()
+    feat = torch.randn(1, 4, 2, 4)
+    G = SimpleNamespace(projection=lambda x: x)
+    s, q, n = evaluation._contrast_embeddings(G, feat, seg, info, 10, torch.Generator().manual_seed(0))
+    assert n.tolist() == [3, 2]  # every pixel of classes 0 and 1, none of dontcare
+    z = torch.nn.functional.normalize(feat.permute(0, 2, 3, 1).reshape(-1, 4).double(), dim=1)
+    assert torch.allclose(s[1], z[lab.flatten() == 1].sum(0))
