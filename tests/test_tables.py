@@ -202,3 +202,13 @@ def test_mechanism_tables_are_cli_choices(capsys):
         with pytest.raises(SystemExit):
             tables.main([name])
         assert f"{name}: --budget_steps N is required" in capsys.readouterr().err
+
+
+def test_undefined_values_are_left_out_of_spreads_and_ties():
+    """A metric eval.py could not define (NaN, e.g. the embedding ratio of collapsed embeddings) or did not
+    measure (None) counts as missing, not as a value."""
+    nan = float("nan")
+    assert tables.mean_spread([0.5, nan, None, 0.7]) == "0.600 ± 0.100"
+    assert tables.mean_spread([nan, None]) == "n/a"
+    assert tables.tied_for_best([[nan], [0.2, 0.3], [0.5, 0.6]], higher=False) == [1]
+    assert tables.MECHANISMS["contrast_mech"]["columns"] == [tables.EMB_RATIO]
