@@ -43,6 +43,7 @@ import gaugan
 import lggan
 import sau
 import train
+from evalrun import device_problem
 
 MODELS = ("gaugan", "lggan", "lggan++ (sau)", "ecgan")
 TARGETS = {"lggan++ (sau)": 2.0, "ecgan": 2.5}  # step-time ratio targets to GauGAN at the same size
@@ -505,14 +506,9 @@ def check_args(ap, args):
             ap.error(f"--{name} {v}: expected an integer >= {low}")
     if args.sau_size is not None and min(args.sau_size) < 1:
         ap.error(f"--sau_size {' '.join(map(str, args.sau_size))}: expected four positive integers B C H W")
-    try:
-        dev = torch.device(args.device)
-    except RuntimeError:
-        ap.error(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        ap.error(f"--device {args.device}: no CUDA device is visible")
-    if dev.type not in ("cpu", "cuda"):
-        ap.error(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
+    problem = device_problem(args.device, allow_auto=False)
+    if problem:
+        ap.error(f"--device {problem}")
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         ap.error(f"--out {args.out}: its folder does not exist")
 

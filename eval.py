@@ -42,7 +42,7 @@ import torch
 from tqdm import tqdm
 
 import data
-from evalrun import EvalError, load_run, one_line, pick_device
+from evalrun import EvalError, device_problem, load_run, one_line, pick_device
 from fid import FID_WEIGHTS_URL, fid_from_features, load_fid_inception
 from figures import make_figures
 from metrics import (PSNR_CAP, ClassPatches, class_names_of, class_swd, classifier_metrics, confusions_of,
@@ -465,14 +465,9 @@ def _check_args(p, args):
         v = getattr(args, name)
         if v < 0:
             p.error(f"--{name} {v}: expected a positive size in pixels (0: the dataset's default)")
-    try:
-        dev = torch.device("cpu" if args.device == "auto" else args.device)
-    except RuntimeError:
-        p.error(f"--device {args.device!r}: expected auto, cpu, cuda or cuda:N")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {args.device!r}: no CUDA device is visible")
-    if dev.type not in ("cpu", "cuda"):
-        p.error(f"--device {args.device!r}: expected auto, cpu, cuda or cuda:N")
+    problem = device_problem(args.device)
+    if problem:
+        p.error(f"--device {problem}")
     if args.ignore is not None and any(i < 0 for i in args.ignore):
         p.error(f"--ignore {args.ignore}: expected class ids >= 0")
 

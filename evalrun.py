@@ -27,6 +27,21 @@ def pick_device(name):
     return torch.device(name)
 
 
+def device_problem(spec, allow_auto=True):
+    """What is wrong with a --device value (cpu | cuda | cuda:N, and auto where allowed) for a CLI's one-line
+    error, or None."""
+    expected = ("auto, " if allow_auto else "") + "cpu, cuda or cuda:N"
+    try:
+        dev = torch.device("cpu" if allow_auto and spec == "auto" else spec)  # auto is always usable
+    except RuntimeError:
+        return f"{spec!r}: expected {expected}"
+    if dev.type not in ("cpu", "cuda"):
+        return f"{spec!r}: expected {expected}"
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return f"{spec!r}: no CUDA device is visible"
+    return None
+
+
 def one_line(e):
     """The line of an error message that names the problem (from a DataLoader worker: the re-raised error's)."""
     lines = str(e).strip().splitlines() or [type(e).__name__]

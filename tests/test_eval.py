@@ -692,13 +692,10 @@ def test_generated_edges_threshold_at_sigmoid_one_half():
     assert metrics.generated_edges(data.canny(torch.zeros(1, 3, 8, 8)) * 2 - 1).sum() == 0
 
 
-def test_eval_reports_edge_fscore_for_ecgan_only(tmp_path, monkeypatch):
-    """ECGAN's sample() has an "edge" column: eval reports the edge F-score of it against Canny of the real image,
-    and it equals the F-score recomputed from the same samples; a GauGAN run has no edge column and no F-score."""
+def _untrained_ecgan_checkpoint(tmp_path, cfg, info):
+    """A checkpoint of a freshly built ECGAN (seed 0) in train.py's layout, for end-to-end eval tests."""
     import dataclasses
     import ecgan
-    samples, info = _synthetic("val", 4)
-    cfg = ecgan.ECGANConfig(ngf=8, ndf=4, n_layers_D=2, proj_dim=8, use_label_gen=False, use_contrast=False)
     torch.manual_seed(0)
     G, D = ecgan.build(cfg, info)
     ckpt = tmp_path / "run" / "ckpt.pt"
@@ -706,6 +703,16 @@ def test_eval_reports_edge_fscore_for_ecgan_only(tmp_path, monkeypatch):
     torch.save({"model": "ecgan", "model_cfg": dataclasses.asdict(cfg), "train_cfg": {"dataset": "synthetic"},
                 "info": dataclasses.asdict(info), "G": G.state_dict(), "D": D.state_dict(), "opt_G": {},
                 "opt_D": {}, "scaler": None, "step": 1, "rng": []}, ckpt)
+    return ckpt
+
+
+def test_eval_reports_edge_fscore_for_ecgan_only(tmp_path, monkeypatch):
+    """ECGAN's sample() has an "edge" column: eval reports the edge F-score of it against Canny of the real image,
+    and it equals the F-score recomputed from the same samples; a GauGAN run has no edge column and no F-score."""
+    import ecgan
+    samples, info = _synthetic("val", 4)
+    cfg = ecgan.ECGANConfig(ngf=8, ndf=4, n_layers_D=2, proj_dim=8, use_label_gen=False, use_contrast=False)
+    ckpt = _untrained_ecgan_checkpoint(tmp_path, cfg, info)
     res = evaluation.evaluate(ckpt, out=tmp_path / "eval", num=4, batch_size=2, seg_steps=0, save_images=False,
                               progress=False, device="cpu", patches_per_class=16)
     m = res["metrics"]
@@ -789,17 +796,10 @@ def test_eval_reports_embedding_structure_for_ecgan_with_contrast_only(tmp_path)
     """An ECGAN with a projection head (use_contrast): eval reports intra / inter / ratio of its contrastive
     embeddings, equal to a recomputation that builds F through the encoder directly (not the eval hook), samples
     the same seeded pixels per batch and takes the pairs by loops; a GauGAN run reports none."""
-    import dataclasses
     import ecgan
     samples, info = _synthetic("val", 4)
     cfg = ecgan.ECGANConfig(ngf=8, ndf=4, n_layers_D=2, proj_dim=8, use_label_gen=False, bank_per_class=0)
-    torch.manual_seed(0)
-    G, D = ecgan.build(cfg, info)
-    ckpt = tmp_path / "run" / "ckpt.pt"
-    ckpt.parent.mkdir()
-    torch.save({"model": "ecgan", "model_cfg": dataclasses.asdict(cfg), "train_cfg": {"dataset": "synthetic"},
-                "info": dataclasses.asdict(info), "G": G.state_dict(), "D": D.state_dict(), "opt_G": {},
-                "opt_D": {}, "scaler": None, "step": 1, "rng": []}, ckpt)
+    ckpt = _untrained_ecgan_checkpoint(tmp_path, cfg, info)
     res = evaluation.evaluate(ckpt, out=tmp_path / "eval", num=4, batch_size=2, seg_steps=0, save_images=False,
                               progress=False, device="cpu", patches_per_class=16, emb_per_class=5)
     m = res["metrics"]
