@@ -72,7 +72,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from torch.utils.checkpoint import checkpoint
 
 import gaugan
-import lggan  # LGGAN's class-specific generator is ECGAN's G_c generator (Eqs. 6, 7)
+import lggan  # lggan.masked_l1: ECGAN's Eq. 6 has the form of LGGAN's Eq. 3
 import segmenter  # G_l's network: the built-in segmenter (or a user's TorchScript export)
 
 
@@ -568,7 +568,7 @@ class ECGANConfig:
     segmenter: str = ""                   # G_l weights: built-in segmenter checkpoint or TorchScript; train.py fills it
     sim_on_intermediate: bool = True      # Eq. 10's L_sim(S, S') with S' = G_l(I') (ours; False: the S'' term alone)
     sim_stride: int = 4                   # Eq. 3 at 1/4 resolution (ours: M^2 at full res is 1.7e10 on Cityscapes)
-    sim_impl: str = "chunked"             # "chunked" (memory O(chunk * M)) | "naive" (O(M^2))
+    sim_impl: str = "chunked"             # "chunked" (O(chunk * M)) | "naive" (O(M^2)) | "checkpoint" (previous)
     sim_chunk: int = 1024                 # rows of the M x M maps per chunk
     # contrastive learning and class-specific generation
     proj_dim: int = 256                   # projection head width (pixel contrast literature, REFERENCE.md)
@@ -807,6 +807,7 @@ def discriminate(D, cond, pairs):
 # ----------------------------------------------------------------------------- model interface
 
 def build(cfg, info):
+    gaugan.check_gan_loss(cfg.gan_loss)
     G = ECGANGenerator(cfg, info)
     D = gaugan.init_weights(gaugan.MultiscaleDiscriminator(info.input_nc + 3, cfg.ndf, cfg.n_layers_D, cfg.num_D))
     return G, D
@@ -814,8 +815,8 @@ def build(cfg, info):
 
 def g_step(G, D, batch, cfg, vgg=None):
     """Eq. 10, generator side: lambda_c * adversarial (hinge, or log with gan_loss) + lambda_f * feature
-    matching + lambda_p * VGG on (I_e', I_e), (I', I), lambda * (I'', I); + lambda_s * similarity (S, S') + (S, S''); + lambda_l * Eq. 5;
-    + lambda_l1 * Eq. 6; + lambda_kld * KL."""
+    matching + lambda_p * VGG on (I_e', I_e), (I', I), lambda * (I'', I); + lambda_s * similarity (S, S') +
+    (S, S''); + lambda_l * Eq. 5; + lambda_l1 * Eq. 6; + lambda_kld * KL."""
     cond, real = batch["input"], batch["image"]
     out = G(cond, real, edges=oracle_edges(batch, cfg))
     logs = {"G_gan": 0.0, "G_feat": 0.0}

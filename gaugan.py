@@ -291,29 +291,33 @@ class MultiscaleDiscriminator(nn.Module):
 GAN_LOSSES = ("hinge", "log")
 
 
+def check_gan_loss(mode):
+    """Every model's build calls this, so a misspelt gan_loss fails before training, not at its first loss."""
+    if mode not in GAN_LOSSES:
+        raise ValueError(f"gaugan.py: gan_loss must be one of {GAN_LOSSES}, got {mode!r}")
+
+
 def d_loss_term(preds, real, mode="hinge"):
     """One side of the D loss, averaged over the num_D scales (preds: num_D lists of features, logits last).
     hinge (GauGAN's public code, our default): E[relu(1 - D)] on real, E[relu(1 + D)] on fake.
     log (the papers' Eq. 9 of LGGAN, Eqs. 8, 9 of ECGAN as written): -log sigmoid(D) = softplus(-D) on real,
     -log(1 - sigmoid(D)) = softplus(D) on fake."""
+    check_gan_loss(mode)
     sign = -1.0 if real else 1.0
     if mode == "hinge":
         term = lambda x: F.relu(1 + sign * x).mean()
-    elif mode == "log":
-        term = lambda x: F.softplus(sign * x).mean()
     else:
-        raise ValueError(f"gaugan.py: gan_loss must be one of {GAN_LOSSES}, got {mode!r}")
+        term = lambda x: F.softplus(sign * x).mean()
     return sum(term(p[-1]) for p in preds) / len(preds)
 
 
 def g_loss_term(fake_preds, mode="hinge"):
     """G's adversarial term, averaged over scales. hinge: -E[D(fake)] (GauGAN); log: the non-saturating
     -log sigmoid(D(fake)), the usual way to minimise Eq. 9's log(1 - D(fake)) term (Goodfellow et al.)."""
+    check_gan_loss(mode)
     if mode == "hinge":
         return sum(-f[-1].mean() for f in fake_preds) / len(fake_preds)
-    if mode == "log":
-        return sum(F.softplus(-f[-1]).mean() for f in fake_preds) / len(fake_preds)
-    raise ValueError(f"gaugan.py: gan_loss must be one of {GAN_LOSSES}, got {mode!r}")
+    return sum(F.softplus(-f[-1]).mean() for f in fake_preds) / len(fake_preds)
 
 
 def hinge_d_loss(real_preds, fake_preds):
@@ -493,6 +497,7 @@ class GauGAN(nn.Module):
 
 
 def build(cfg, info):
+    check_gan_loss(cfg.gan_loss)
     G = init_weights(GauGAN(cfg, info.input_nc, info.height, info.width))
     D = init_weights(MultiscaleDiscriminator(info.input_nc + 3, cfg.ndf, cfg.n_layers_D, cfg.num_D))
     return G, D

@@ -545,6 +545,7 @@ def split_preds(preds, n):
 
 def build(cfg, info):
     """Semantic synthesis or cross-view translation, as info.task says."""
+    gaugan.check_gan_loss(cfg.gan_loss)
     if cfg.impl not in IMPLS:
         raise ValueError(f"lggan.py: impl={cfg.impl!r}, expected one of {IMPLS}")
     if info.task == "crossview":

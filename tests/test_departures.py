@@ -52,6 +52,15 @@ def test_log_gan_terms_are_the_papers_cross_entropy():
         gaugan.d_loss_term(preds, True, "wgan")
 
 
+def test_misspelt_gan_loss_fails_when_the_model_is_built():
+    """train.py's dry build then refuses the flag before a run folder is written (not at the first loss)."""
+    for module, cfg in ((gaugan, gaugan.GauGANConfig(ngf=4, gan_loss="wgan")),
+                        (lggan, lggan.LGGANConfig(ngf=2, n_res=1, gan_loss="wgan")),
+                        (ecgan, ecgan.ECGANConfig(ngf=8, gan_loss="wgan", use_label_gen=False))):
+        with pytest.raises(ValueError, match="gan_loss"):
+            module.build(cfg, INFO)
+
+
 @pytest.mark.parametrize("mode", ["hinge", "log"])
 def test_gan_loss_switch_reaches_every_model_d_step(mode):
     """With every logit c, each D loss is a weighted count of real and fake terms; the weights are the
