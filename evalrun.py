@@ -106,8 +106,9 @@ class Run:
 
     def prepare(self, batch):
         """A DataLoader batch of `val` as the model's sample() reads it, on the run's device."""
-        needs_edges = getattr(self.module, "needs_edges", lambda cfg: False)(self.cfg)  # train.model_needs
-        return data.prepare_batch(batch, self.info, self.device, edges=needs_edges)
+        import train  # inside, as in open_checkpoint
+        return data.prepare_batch(batch, self.info, self.device,
+                                  edges=train.model_needs(self.module, "needs_edges", self.cfg))
 
 
 def load_run(ckpt_path, device, dataset=None, dataroot=None):
