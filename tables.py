@@ -13,9 +13,12 @@ eval.evaluate, mean and spread over seeds, printed and written as markdown.
     python tables.py classgen_mech --budget_steps 2000       #   above its table; no paper column
 Flags tables.py does not know go to every train.py run (e.g. `--ngf 8 --batch_size 8`).
 
-Resumable: each (row, seed) writes <out>/<table>/<row>/seed<k>/result.json (atomically) when it has been trained and
-measured; a rerun with the same settings skips it (and says so), so a table can be built over several sittings and a
-crash loses only the unfinished run. The table is rendered from every result present.
+Resumable and shared: each (configuration, seed) trains into <out>/runs/<model>_<flags>/seed<k> and writes its
+result.json there (atomically) when it has been trained and measured; a rerun with the same settings skips it (and says
+so), so a table can be built over several sittings and a crash loses only the unfinished run. Rows of different tables
+that train the same configuration (flags equal to the defaults are dropped) share that run. Several tables.py
+processes may run at once, e.g. one per core with OMP_NUM_THREADS=1: each run is claimed by the process training it,
+and the others do other runs first, then wait for it. A table is rendered from its results once all are present.
 
 Protocol: each (row, seed) trains from scratch for --budget_steps steps into <out>/<table>/<row>/seed<k>; every row
 is measured by ONE built-in segmenter (trained once on real training images, seed 1, cached in <out>) on the first
@@ -146,13 +149,15 @@ def mean_spread(xs):
     return f"{m:.3f} ± {(max(xs) - min(xs)) / 2:.3f}" if len(xs) > 1 else f"{m:.3f}"
 
 
-def train_and_measure(argv, run, seg_path, num, device):
-    """One (row, seed): train.main(argv) into `run`, then eval.evaluate its checkpoint with the table's segmenter.
-    Returns {"train_s", "metrics"}."""
+def train_and_measure(argv, run, seg_path, num, device, segmenter_ready=lambda: None):
+    """One (row, seed): train.main(argv) into `run` (resuming a checkpoint an earlier sitting left there), then
+    eval.evaluate its checkpoint with the table's segmenter (segmenter_ready() first: it makes sure it exists).
+    Returns {"train_s" (this sitting's training seconds), "metrics"}."""
     import train
     t0 = time.time()
     train.main(argv)
     t_train = time.time() - t0
+    segmenter_ready()
     res = evaluation.evaluate(run / "ckpt_latest.pt", out=run / "eval", num=num, segmenter=str(seg_path),
                               save_images=False, progress=False, device=device)
     return {"train_s": t_train, "metrics": res["metrics"]}
@@ -182,62 +187,149 @@ def _done(path, settings):
     return saved
 
 
+def minimal_over(model, over, base_argv):
+    """The row's switches that change what train.py would build: a flag equal to the value it would have anyway
+    (a Config default, or the preset's) is dropped. Rows of different tables that train the same configuration then
+    share one run (e.g. sau_mech's "SAU, expanded window" is gaugan12's "GauGAN + SAU")."""
+    import train
+    base = train.parse_args(["--model", model, *base_argv])
+    keep = {}
+    for k, v in over.items():
+        full = train.parse_args(["--model", model, *flags({k: v}), *base_argv])
+        if any(getattr(a, k, None) != getattr(b, k, None) for a, b in zip(full, base)):
+            keep[k] = v
+    return keep
+
+
+def run_dir(out, model, over):
+    """Where a configuration's seeds train, shared by every table that has it: <out>/runs/<model>_<its flags>."""
+    name = slug(" ".join(flags(over))) or "defaults"
+    return Path(out) / "runs" / f"{model}_{name}"
+
+
+def _claim(path):
+    """Take the claim file of one run (so two tables.py processes never train the same one), or None if a live
+    process holds it. A claim left by a dead process (a stopped sitting) is taken over."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(path.read_text() or 0), 0)
+                return None  # alive: its holder trains it
+            except (ProcessLookupError, ValueError):
+                path.unlink(missing_ok=True)  # stale (or half-written by a process that died at once)
+                continue
+            except PermissionError:
+                return None  # alive, another user's
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        return path
+    return None
+
+
+def _once(path, make):
+    """make(path) unless the file exists, with a claim so that parallel tables.py processes make it once."""
+    claim = Path(f"{path}.claim")
+    while not path.is_file():
+        if _claim(claim):
+            try:
+                if not path.is_file():
+                    make(path)  # may make nothing (e.g. no segmenter with --seg_steps 0): not retried
+                return
+            finally:
+                claim.unlink(missing_ok=True)
+        time.sleep(5)
+
+
 def run_table(name, budget_steps, seeds, out, train_args=(), height=64, width=128, dataset="synthetic", num=64,
-              seg_steps=None, gl_steps=300, device="auto", dataroot=None):
+              seg_steps=None, gl_steps=300, device="auto", dataroot=None, poll_s=10, wait=True):
+    """Train and measure every (row, seed) of one table that has no result yet, then render the table. Runs live in
+    <out>/runs/<model>_<flags>/seed<k> (run_dir), shared across tables; several tables.py processes can work at once
+    (each run is claimed), and one that finds a run claimed by a live process does others first, then waits for it
+    (wait=False: returns None instead, so that the caller can do other tables first)."""
     import data
     import train
     out = Path(out)
-    root = out / name
     size = (height, width)
     device = pick_device(device)
     train_set = data.make_dataset(dataset, dataroot, split="train", size=size)
     info = train_set.info
     data_flags = ["--dataroot", str(dataroot)] if dataroot else []
+    where = ["--dataset", dataset, *data_flags, "--height", str(height), "--width", str(width)]
+    base = [*where, *train_args]
+    rows = []
     for k, (row, over) in enumerate(table_rows(name)):  # every row's command is valid before the first one trains
         over = dict(over)
         model = over.pop("model")
-        tcfg, mcfg = train.parse_args(["--model", model, "--dataset", dataset, *data_flags, "--height", str(height),
-                                       "--width", str(width), *flags(over), *train_args])
+        tcfg, mcfg = train.parse_args(["--model", model, *flags(over), *base])
         if k:
             tcfg.vgg = ""  # the VGG file is the same for every row: loaded once
         train.validate_run(tcfg, mcfg, train.MODELS[model], info)
-    notes = []
-    seg, seg_desc = segmenter_train.find_segmenter(None, [out], dataset, info, dataroot, seg_steps, 8, device, notes)
+        rows.append((row, model, minimal_over(model, over, base)))
     seg_path = segmenter_train.cache_path(out, dataset, info)
+    measurer = lambda: segmenter_train.find_segmenter(None, [out], dataset, info, dataroot, seg_steps, 8, device, [])
     gl_path = out / f"label_generator_{dataset}_{height}x{width}.pt"  # ECGAN's G_l, seed 0 (not the measurer)
-    results = []
-    for row, over in table_rows(name):
-        over = dict(over)
-        model = over.pop("model")
+    jobs = []
+    for row, model, over in rows:
         extra = []
         module = train.MODELS[model]
         row_cfg = module.Config(**{k: v for k, v in over.items() if k in module.Config.__dataclass_fields__})
         if train.model_needs(module, "needs_segmenter", row_cfg):  # e.g. ECGAN's G_l: one for every row
-            if not gl_path.is_file():
-                segmenter_train.train_segmenter(train_set, info, steps=gl_steps, device=device, out_path=gl_path,
-                                                seed=0)
+            _once(gl_path, lambda p: segmenter_train.train_segmenter(train_set, info, steps=gl_steps, device=device,
+                                                                     out_path=p, seed=0))
             extra = ["--segmenter", str(gl_path)]
-        per_seed = []
         for seed in seeds:
-            run = root / slug(row) / f"seed{seed}"
+            run = run_dir(out, model, over) / f"seed{seed}"
             settings = {"dataset": dataset, "dataroot": str(dataroot) if dataroot else None, "height": height,
                         "width": width, "budget_steps": budget_steps, "num": num, "row_flags": flags(over),
                         "train_args": list(train_args)}
+            argv = ["--model", model, *where, "--steps", str(budget_steps),
+                    "--seed", str(seed), "--out", str(run), "--resume", "--progress", "false",
+                    "--sample_every", str(budget_steps), "--ckpt_every", str(budget_steps),
+                    *flags(over), *extra, *train_args]
+            jobs.append((row, seed, run, settings, argv))
+    found, waiting = {}, False
+    while len(found) < len(jobs):
+        trained = False
+        for row, seed, run, settings, argv in jobs:
+            if (row, seed) in found:
+                continue
             done = _done(run / "result.json", settings)
             if done is not None:
                 print(f"[{name}] {row}, seed {seed}: done ({run / 'result.json'}), skipped", flush=True)
-                per_seed.append(done["result"])
+                found[row, seed] = done["result"]
                 continue
-            argv = ["--model", model, "--dataset", dataset, *data_flags, "--height", str(height),
-                    "--width", str(width),
-                    "--steps", str(budget_steps), "--seed", str(seed), "--out", str(run), "--overwrite",
-                    "--progress", "false", "--sample_every", str(budget_steps), "--ckpt_every", str(budget_steps),
-                    *flags(over), *extra, *train_args]
-            print(f"[{name}] {row}, seed {seed}: python train.py {' '.join(argv)}", flush=True)
-            result = {"seed": seed, **train_and_measure(argv, run, seg_path, num, device)}
-            _write_json(run / "result.json", {"settings": settings, "result": result})
-            per_seed.append(result)
-        results.append({"row": row, "model": model, "flags": " ".join(flags(over)), "runs": per_seed})
+            claim = _claim(run.parent / f"seed{seed}.claim")
+            if claim is None:
+                continue  # another tables.py process trains it now
+            try:
+                done = _done(run / "result.json", settings)  # it may have finished since the check above
+                if done is None:
+                    print(f"[{name}] {row}, seed {seed}: python train.py {' '.join(argv)}", flush=True)
+                    # the measuring segmenter is trained (or found cached) by the first run to finish training
+                    result = {"seed": seed, **train_and_measure(argv, run, seg_path, num, device,
+                                                                lambda: _once(seg_path, lambda p: measurer()))}
+                    _write_json(run / "result.json", {"settings": settings, "result": result})
+                    trained = True
+                else:
+                    result = done["result"]
+                found[row, seed] = result
+            finally:
+                claim.unlink(missing_ok=True)
+        if len(found) < len(jobs) and not trained:
+            if not wait:
+                return None
+            if not waiting:
+                print(f"[{name}] waiting for {len(jobs) - len(found)} run(s) another tables.py process is training",
+                      flush=True)
+            waiting = True
+            time.sleep(poll_s)
+    _once(seg_path, lambda p: measurer())
+    seg_desc = measurer()[1]
+    results = [{"row": row, "model": model, "flags": " ".join(flags(over)),
+                "runs": [found[row, seed] for seed in seeds]} for row, model, over in rows]
     return write_table(name, results, out, budget_steps, seeds, seg_desc, info, num, train_args)
 
 
@@ -416,7 +508,8 @@ def main(argv=None):
     import train
     p = data.ArgumentParser(description=__doc__.split("\n\n")[0],
                             epilog="Unknown flags are passed to every train.py run.")
-    p.add_argument("table", choices=sorted(TABLES) + sorted(MECHANISMS) + ["sanity"])
+    p.add_argument("table", nargs="+", choices=sorted(TABLES) + sorted(MECHANISMS) + ["sanity"],
+                   help="one or more tables, built in this order (or sanity, alone)")
     p.add_argument("--budget_steps", type=int, default=None, help="training steps of every run (required for a table)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--ckpt", default=None, help="sanity: the trained checkpoint to rank")
@@ -431,7 +524,9 @@ def main(argv=None):
     p.add_argument("--gl_steps", type=int, default=300, help="steps of ECGAN's label generator G_l (trained once)")
     p.add_argument("--device", default="auto")
     args, train_args = p.parse_known_args(argv)
-    if args.table == "sanity":
+    if "sanity" in args.table:
+        if args.table != ["sanity"]:
+            p.error("sanity runs alone: python tables.py sanity --ckpt RUN/ckpt_latest.pt")
         if not args.ckpt:
             p.error("sanity: --ckpt RUN/ckpt_latest.pt (a trained checkpoint) is required")
         try:
@@ -440,7 +535,7 @@ def main(argv=None):
             print(f"tables.py: error: {one_line(e)}", file=sys.stderr)
             sys.exit(2)
     if args.budget_steps is None:
-        p.error(f"{args.table}: --budget_steps N is required")
+        p.error(f"{' '.join(args.table)}: --budget_steps N is required")
     for name in ("budget_steps", "num", "seg_steps", "gl_steps"):
         if getattr(args, name) is not None and getattr(args, name) < (0 if name == "seg_steps" else 1):
             p.error(f"--{name} {getattr(args, name)}: expected an integer >= 1")
@@ -452,8 +547,12 @@ def main(argv=None):
         p.error(f"--device {args.device}: no CUDA device is visible")
     height, width = data.default_size(args.dataset, args.height, args.width, small=True)
     try:
-        return run_table(args.table, args.budget_steps, args.seeds, args.out, train_args, height, width,
-                         args.dataset, args.num, args.seg_steps, args.gl_steps, args.device, args.dataroot)
+        build = lambda name, wait: run_table(name, args.budget_steps, args.seeds, args.out, train_args, height, width,
+                                             args.dataset, args.num, args.seg_steps, args.gl_steps, args.device,
+                                             args.dataroot, wait=wait)
+        # first every table's unclaimed runs (another process may hold some), then each table once it is complete
+        first = {name: build(name, wait=False) for name in args.table}
+        return [first[name] if first[name] is not None else build(name, wait=True) for name in args.table]
     except (EvalError, train.ConfigError, train.CheckpointError, ValueError) as e:
         print(f"tables.py: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)

@@ -1,4 +1,7 @@
 """tables.py: every row of every table is a valid train.py command that sets what the row says."""
+import json
+import sys
+
 import pytest
 import torch
 
@@ -60,9 +63,20 @@ def test_cli_bad_input_gets_one_line(tmp_path, args, pattern):
     run_cli("tables.py", [a.format(t=tmp_path) for a in args] + ["--out", out], out, pattern)
 
 
+def _run_names(table, height=32, width=64):
+    """The run folder of each row of a table (tables.run_dir), in row order."""
+    base = ["--dataset", "synthetic", "--height", str(height), "--width", str(width)]
+    names = []
+    for _, over in tables.table_rows(table):
+        over = dict(over)
+        model = over.pop("model")
+        names.append(tables.run_dir("", model, tables.minimal_over(model, over, base)).name)
+    return names
+
+
 def _fake_runner(calls, crash_at=None):
     """Stands in for train + evaluate: metrics a function of (row, seed), optionally crashing on one run."""
-    def run(argv, run_dir, seg_path, num, device):
+    def run(argv, run_dir, seg_path, num, device, segmenter_ready=None):
         seed = int(argv[argv.index("--seed") + 1])
         row = run_dir.parent.name
         if (row, seed) == crash_at:
@@ -76,7 +90,7 @@ def _fake_runner(calls, crash_at=None):
 def test_a_rerun_skips_finished_runs_and_a_crash_loses_only_the_unfinished_one(tmp_path, monkeypatch, capsys):
     import segmenter_train
     monkeypatch.setattr(segmenter_train, "find_segmenter", lambda *a, **k: (None, "no segmenter (test)"))
-    rows = [tables.slug(r) for r, _ in tables.table_rows("lggan9")]
+    rows = _run_names("lggan9")
     args = ("lggan9", 2, [0, 1, 2], tmp_path)
     kw = dict(height=32, width=64, num=2, device="cpu")
     calls = []
@@ -84,17 +98,17 @@ def test_a_rerun_skips_finished_runs_and_a_crash_loses_only_the_unfinished_one(t
     with pytest.raises(RuntimeError, match="killed mid-table"):
         tables.run_table(*args, **kw)
     assert calls == [(r, s) for r in rows[:2] for s in (0, 1, 2)] + [(rows[2], 0)]
-    saved = sorted(p.parent.parent.name + "/" + p.parent.name for p in tmp_path.glob("lggan9/*/seed*/result.json"))
+    saved = sorted(p.parent.parent.name + "/" + p.parent.name for p in tmp_path.glob("runs/*/seed*/result.json"))
     assert saved == sorted(f"{r}/seed{s}" for r, s in calls)  # every finished run kept, nothing else
     assert not list(tmp_path.rglob("*.tmp*"))
-    first = {f"{r}/{s}": (tmp_path / "lggan9" / r / f"seed{s}" / "result.json").read_text() for r, s in calls}
+    first = {f"{r}/{s}": (tmp_path / "runs" / r / f"seed{s}" / "result.json").read_text() for r, s in calls}
     calls2 = []
     monkeypatch.setattr(tables, "train_and_measure", _fake_runner(calls2))
     capsys.readouterr()
     results = tables.run_table(*args, **kw)
     assert calls2 == [(rows[2], 1), (rows[2], 2)] + [(r, s) for r in rows[3:] for s in (0, 1, 2)]
     assert capsys.readouterr().out.count("skipped") == 7
-    assert all((tmp_path / "lggan9" / k.split("/")[0] / f"seed{k.split('/')[1]}" / "result.json").read_text() == v
+    assert all((tmp_path / "runs" / k.split("/")[0] / f"seed{k.split('/')[1]}" / "result.json").read_text() == v
                for k, v in first.items())  # finished runs untouched
     assert [len(r["runs"]) for r in results] == [3] * len(rows)
     assert results[0]["runs"][1]["metrics"]["mIoU"] == pytest.approx(0.2)  # read back from the first sitting
@@ -212,3 +226,50 @@ def test_undefined_values_are_left_out_of_spreads_and_ties():
     assert tables.mean_spread([nan, None]) == "n/a"
     assert tables.tied_for_best([[nan], [0.2, 0.3], [0.5, 0.6]], higher=False) == [1]
     assert tables.MECHANISMS["contrast_mech"]["columns"] == [tables.EMB_RATIO]
+
+
+def test_tables_share_runs_of_one_configuration_and_defaults_are_dropped():
+    sau, g12 = _run_names("sau_mech"), _run_names("gaugan12")
+    assert sau[0] == g12[0] == "gaugan_defaults"  # nearest is the default
+    assert sau[2] == g12[3] == "gaugan_upsample_sau"
+    assert sau[3] == "gaugan_upsample_sau_sau_window_input"
+    edges, t3 = _run_names("edges_mech"), _run_names("ecgan3")
+    assert edges[0] == t3[0] and edges[1] == t3[2]  # E+G_i; E+G_i+G_e+G_t with the default edges and Eq. 1
+    assert len(set(edges)) == len(edges) and len(set(t3)) == len(t3)
+    contrast, classgen = _run_names("contrast_mech"), _run_names("classgen_mech")
+    assert contrast[0] == t3[-1] == classgen[2] and contrast[2] == t3[-2] == classgen[3]
+    assert classgen[:2] == _run_names("lggan9")[:2]
+
+
+def test_a_claimed_run_is_left_to_its_holder_and_waited_for(tmp_path, monkeypatch):
+    """Two tables.py processes at once: a run claimed by a live process is not trained again; the table waits for
+    its result. A claim left by a dead process is taken over."""
+    import segmenter_train
+    import subprocess
+    monkeypatch.setattr(segmenter_train, "find_segmenter", lambda *a, **k: (None, "no segmenter (test)"))
+    names = _run_names("sau_mech")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        for name, pid in ((names[1], holder.pid), (names[2], dead.pid)):
+            (tmp_path / "runs" / name).mkdir(parents=True)
+            (tmp_path / "runs" / name / "seed0.claim").write_text(str(pid))
+        calls, slept = [], []
+        monkeypatch.setattr(tables, "train_and_measure", _fake_runner(calls))
+
+        def other_process_finishes(_):  # while this one waits, the holder writes its result
+            slept.append(1)
+            res = json.loads((tmp_path / "runs" / names[0] / "seed0" / "result.json").read_text())
+            res["result"]["metrics"]["mIoU"] = 0.77
+            res["settings"]["row_flags"] = ["--upsample", "bilinear"]
+            tables._write_json(tmp_path / "runs" / names[1] / "seed0" / "result.json", res)
+        monkeypatch.setattr(tables.time, "sleep", other_process_finishes)
+        results = tables.run_table("sau_mech", 2, [0], tmp_path, height=32, width=64, num=2, device="cpu")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert calls == [(names[0], 0), (names[2], 0), (names[3], 0)] and slept == [1]
+    assert results[1]["runs"][0]["metrics"]["mIoU"] == 0.77
+    assert not list(tmp_path.rglob("*.claim")) or list(tmp_path.rglob("*.claim")) == [
+        tmp_path / "runs" / names[1] / "seed0.claim"]  # only the live holder's own claim is left
