@@ -8,7 +8,7 @@ figures.py: the papers' explanatory figures, drawn from a checkpoint:
                     I' and I'' (figure_semantic_maps)
   ECGAN Fig. 6      generated edge maps I_e' and attention maps sigmoid(I_e') (Eq. 1) (figure_ecgan_edges)
   SAU Fig. 5        learned SAU kernels (k x k) at chosen locations, beside the label window they weigh
-                    (figure_sau_kernels)
+                    (figure_sau_kernels); over every boundary location of many images: sau_kernel_statistic
 The run and its validation images come from evalrun.load_run, the segmenter from segmenter_train.find_segmenter
 (the same as eval.py's).
 """
@@ -234,6 +234,92 @@ def _draw_kernel(canvas, draw, w, win, pal, col, x0, y0, ksz, pad):
     canvas.paste(wimg, (x0 + ksz + pad, y0 + 12))
     draw.rectangle([x0 - 1, y0 + 11, x0 + ksz, y0 + 12 + ksz], outline=col)
     draw.text((x0, y0), f"{mass:.2f} vs {share:.2f}", fill=col if col != (255, 220, 0) else (160, 130, 0))
+
+
+def label_windows(lab_in, k, s, window):
+    """Class ids (B, k*k, sH, sW) of the taps every output pixel's kernel weighs (the vectorised _label_window, same
+    tap order as SAU.kernels); -1 outside the map."""
+    r = k // 2
+    lab = lab_in[:, None].float()
+    if window == "expanded":  # k x k block of the nearest-expanded map around each output pixel
+        up = F.interpolate(lab, scale_factor=s, mode="nearest")
+        win = F.unfold(F.pad(up + 1, (r, r, r, r)), k)            # padding reads 0, i.e. -1 after the shift
+        return (win - 1).long().view(lab.shape[0], k * k, *up.shape[-2:])
+    win = F.unfold(F.pad(lab + 1, (r, r, r, r)), k).view(lab.shape[0], k * k, *lab.shape[-2:]) - 1
+    return win.repeat_interleave(s, 2).repeat_interleave(s, 3).long()  # output pixel -> its input pixel's block
+
+
+class KernelStatistic:
+    """Fig. 5 over many locations: at every output pixel of an SAU whose window holds more than one class, the
+    kernel's mass on taps of the centre's class (the class the pixel belongs to) against (a) that class's share of
+    the window (what a uniform kernel puts there) and (b) the mass the layer's average kernel puts there (a kernel
+    with the same position prior, e.g. peaked at the centre, that ignores semantics). A kernel that follows the
+    label map (SAU's claim) puts more on its own class than (b)."""
+
+    def __init__(self):
+        self.sums = {}  # layer name -> dict of running sums
+
+    def add(self, name, kern, win):
+        """kern (B, k*k, H, W) softmax kernels; win (B, k*k, H, W) their taps' class ids (label_windows)."""
+        kk = kern.shape[1]
+        kern, win = kern.float().permute(0, 2, 3, 1).reshape(-1, kk), win.permute(0, 2, 3, 1).reshape(-1, kk)
+        own = win[:, kk // 2:kk // 2 + 1]
+        valid = win >= 0
+        mixed = (own[:, 0] >= 0) & ((win != own) & valid).any(1)  # a boundary location: another class in reach
+        ind = ((win == own) & valid)[mixed].float()               # (n, k*k): taps of the own class
+        kern, valid = kern[mixed], valid[mixed].float()
+        acc = self.sums.setdefault(name, dict(n=0, mass=0.0, share=0.0, ind=0.0, kern=0.0))
+        acc["n"] += len(ind)
+        acc["mass"] += float((kern * ind).sum())
+        acc["share"] += float((ind.sum(1) / valid.sum(1)).sum())
+        acc["ind"] = acc["ind"] + ind.sum(0)                      # sum of indicators: the average kernel's mass
+        acc["kern"] = acc["kern"] + kern.sum(0)                   # is linear in them, so one pass is enough
+
+    def result(self):
+        """{layer: {"locations", "own-class mass", "share of window", "average-kernel mass", "excess"}}, excess =
+        own-class mass - average-kernel mass; "all" pools the layers (weighted by locations)."""
+        out, pooled = {}, dict(n=0, mass=0.0, share=0.0, avg=0.0)
+        for name, a in self.sums.items():
+            if a["n"] == 0:
+                continue
+            avg = float((a["kern"] / a["n"] * a["ind"]).sum())    # sum_loc <mean kernel, indicator_loc>
+            out[name] = {"locations": a["n"], "own-class mass": a["mass"] / a["n"],
+                         "share of window": a["share"] / a["n"], "average-kernel mass": avg / a["n"],
+                         "excess": (a["mass"] - avg) / a["n"]}
+            for key, v in (("n", a["n"]), ("mass", a["mass"]), ("share", a["share"]), ("avg", avg)):
+                pooled[key] += v
+        if pooled["n"]:
+            n = pooled["n"]
+            out["all"] = {"locations": n, "own-class mass": pooled["mass"] / n, "share of window": pooled["share"] / n,
+                          "average-kernel mass": pooled["avg"] / n, "excess": (pooled["mass"] - pooled["avg"]) / n}
+        return out
+
+
+def sau_kernel_statistic(G, module, batches, prepare):
+    """KernelStatistic of every SAU layer of G over the batches (prepare(batch) -> the model's batch). None when
+    G has no SAU."""
+    g = getattr(G, "module", G)
+    saus = {n: m for n, m in g.named_modules() if isinstance(m, sau.SAU)}
+    if not saus:
+        return None
+    stat, seen = KernelStatistic(), {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, i[0])) for n, m in saus.items()]
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                b = prepare(batch)
+                module.sample(G, b)
+                lab = b["label"]
+                for n, x_in in seen.items():
+                    layer = saus[n]
+                    lab_in = F.interpolate(lab[:, None].float(), size=x_in.shape[-2:], mode="nearest")[:, 0].long()
+                    stat.add(n, layer.kernels(x_in).cpu(), label_windows(lab_in.cpu(), layer.k, layer.scale,
+                                                                        layer.window))
+                seen.clear()
+    finally:
+        for h in hooks:
+            h.remove()
+    return stat.result()
 
 
 def make_figures(ckpt_path, out=None, num=4, device="auto", segmenter=None, seg_steps=300, dataset=None,

@@ -11,6 +11,7 @@ eval.evaluate, mean and spread over seeds, printed and written as markdown.
     python tables.py edges_mech --budget_steps 2000          #   sau_mech, edges_mech, contrast_mech, classgen_mech;
     python tables.py contrast_mech --budget_steps 2000       #   each prints its purpose (claim, metric to read)
     python tables.py classgen_mech --budget_steps 2000       #   above its table; no paper column
+    python tables.py sau_fig5                                # SAU Fig. 5's kernel statistic of sau_mech's runs
 Flags tables.py does not know go to every train.py run (e.g. `--ngf 8 --batch_size 8`).
 
 Resumable and shared: each (configuration, seed) trains into <out>/runs/<model>_<flags>/seed<k> and writes its
@@ -503,13 +504,68 @@ def metric_sanity(ckpt, out, num=64, device="auto", batch_size=8, seed=0, seg_st
     return rows, ok
 
 
+def sau_kernel_table(out, num=64, device="auto", batch_size=8):
+    """SAU Fig. 5 over many locations, for sau_mech's SAU rows: figures.sau_kernel_statistic of every finished
+    seed's checkpoint (and of the same generator untrained, seed 0) on the first `num` validation images, pooled
+    over the SAU layers. Writes <out>/table_sau_fig5.{md,json}."""
+    import figures
+    from evalrun import load_run
+    out = Path(out)
+    device = pick_device(device)
+    lines, rows = [], []
+    for row, over in table_rows("sau_mech"):
+        over = dict(over)
+        model = over.pop("model")
+        if over.get("upsample") != "sau":
+            continue
+        ckpts = sorted(run_dir(out, model, minimal_over(model, over, [])).glob("seed*/ckpt_latest.pt"))
+        stats, untrained = [], None
+        for ckpt in ckpts:
+            run = load_run(ckpt, device)
+            loader = torch.utils.data.DataLoader(torch.utils.data.Subset(run.val, range(min(num, len(run.val)))),
+                                                 batch_size=batch_size)
+            stats.append(figures.sau_kernel_statistic(run.G, run.module, loader, run.prepare))
+            if untrained is None:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(0)
+                    G0 = run.module.build(run.cfg, run.info)[0].to(run.device).eval()
+                untrained = figures.sau_kernel_statistic(G0, run.module, loader, run.prepare)
+        if stats:
+            rows.append({"row": row, "checkpoints": [str(c) for c in ckpts], "trained": stats,
+                         "untrained": untrained})
+    if not rows:
+        raise EvalError(f"{out}/runs: no checkpoint of sau_mech's SAU rows; build it first (python tables.py sau_mech "
+                        f"--budget_steps N --out {out})")
+    keys = ["share of window", "average-kernel mass", "own-class mass", "excess"]
+    lines = [f"SAU Fig. 5 over many locations: every output pixel of every SAU layer whose k x k window reaches "
+             f"another class, on the first {num} validation images; values pooled over the layers, mean ± half the "
+             f"range over seeds. own-class mass: the kernel's weight on taps of the pixel's own class; share: what a "
+             f"uniform kernel puts there; average-kernel mass: what the layer's mean kernel (same position prior, "
+             f"no semantics) puts there; excess = own-class mass - average-kernel mass (> 0: the kernels follow the "
+             f"label map).", "",
+             "| row | seeds | locations / seed | " + " | ".join(keys) + " | excess, untrained (seed 0) |",
+             "|---|---|---|" + "---|" * (len(keys) + 1)]
+    for r in rows:
+        alls = [s_["all"] for s_ in r["trained"]]
+        lines.append(f"| {r['row']} | {len(alls)} | {statistics.fmean(a['locations'] for a in alls):.0f} | "
+                     + " | ".join(mean_spread([a[k] for a in alls]) for k in keys)
+                     + f" | {r['untrained']['all']['excess']:.3f} |")
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    (out / "table_sau_fig5.md").write_text(text)
+    _write_json(out / "table_sau_fig5.json", rows)
+    print(f"wrote {out / 'table_sau_fig5.md'} and table_sau_fig5.json")
+    return rows
+
+
 def main(argv=None):
     import data
     import train
     p = data.ArgumentParser(description=__doc__.split("\n\n")[0],
                             epilog="Unknown flags are passed to every train.py run.")
-    p.add_argument("table", nargs="+", choices=sorted(TABLES) + sorted(MECHANISMS) + ["sanity"],
-                   help="one or more tables, built in this order (or sanity, alone)")
+    p.add_argument("table", nargs="+", choices=sorted(TABLES) + sorted(MECHANISMS) + ["sanity", "sau_fig5"],
+                   help="one or more tables, built in this order; or sanity (alone); or sau_fig5 (alone: SAU Fig. 5's "
+                        "kernel statistic of sau_mech's finished runs)")
     p.add_argument("--budget_steps", type=int, default=None, help="training steps of every run (required for a table)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--ckpt", default=None, help="sanity: the trained checkpoint to rank")
@@ -524,6 +580,14 @@ def main(argv=None):
     p.add_argument("--gl_steps", type=int, default=300, help="steps of ECGAN's label generator G_l (trained once)")
     p.add_argument("--device", default="auto")
     args, train_args = p.parse_known_args(argv)
+    if "sau_fig5" in args.table:
+        if args.table != ["sau_fig5"]:
+            p.error("sau_fig5 runs alone: python tables.py sau_fig5 --out DIR (after sau_mech)")
+        try:
+            return sau_kernel_table(args.out, args.num, args.device)
+        except (EvalError, ValueError) as e:
+            print(f"tables.py: error: {one_line(e)}", file=sys.stderr)
+            sys.exit(2)
     if "sanity" in args.table:
         if args.table != ["sanity"]:
             p.error("sanity runs alone: python tables.py sanity --ckpt RUN/ckpt_latest.pt")

@@ -841,3 +841,77 @@ def test_contrast_embeddings_leave_dontcare_out():
     assert n.tolist() == [3, 2]  # every pixel of classes 0 and 1, none of dontcare
     z = torch.nn.functional.normalize(feat.permute(0, 2, 3, 1).reshape(-1, 4).double(), dim=1)
     assert torch.allclose(s[1], z[lab.flatten() == 1].sum(0))
+
+
+@pytest.mark.parametrize("window", ["expanded", "input"])
+def test_label_windows_match_the_figure_window_at_every_pixel(window):
+    """Fig. 5's statistic reads the same taps as the figure's per-location window (and as SAU's kernel order)."""
+    torch.manual_seed(0)
+    lab_in = torch.randint(0, 4, (2, 5, 6))
+    k, s = 5, 2
+    win = figures.label_windows(lab_in, k, s, window)
+    assert win.shape == (2, k * k, 10, 12)
+    for b in range(2):
+        for y in range(10):
+            for x in range(12):
+                assert torch.equal(win[b, :, y, x].view(k, k), figures._label_window(lab_in[b], y, x, k, s, window))
+
+
+def test_kernel_statistic_closed_forms():
+    """Uniform kernels put the window share on the own class; a centre-only kernel (a position prior without
+    semantics) has mass 1 but no excess over the average kernel; a kernel spread over the own class's taps has a
+    positive excess; values match a loop over locations."""
+    torch.manual_seed(1)
+    lab_in = torch.randint(0, 3, (2, 4, 5))
+    k, s = 3, 2
+    win = figures.label_windows(lab_in, k, s, "expanded")
+    B, kk, H, W = win.shape
+    own = win[:, kk // 2:kk // 2 + 1]
+    mixed = (((win != own) & (win >= 0)).any(1) & (own[:, 0] >= 0))
+    uni = torch.full(win.shape, 1 / kk)
+    st = figures.KernelStatistic()
+    st.add("l", uni, win)
+    r = st.result()["l"]
+    # with no padded taps inside the mixed locations' windows, uniform mass == share
+    shares = [((win[b, :, y, x] == own[b, 0, y, x]).float().sum() / (win[b, :, y, x] >= 0).float().sum()).item()
+              for b, y, x in mixed.nonzero().tolist()]
+    masses = [((win[b, :, y, x] == own[b, 0, y, x]).float().sum() / kk).item() for b, y, x in mixed.nonzero().tolist()]
+    assert r["locations"] == len(shares) == int(mixed.sum())
+    assert r["share of window"] == pytest.approx(sum(shares) / len(shares))
+    assert r["own-class mass"] == pytest.approx(sum(masses) / len(masses))
+    centre = torch.zeros(win.shape)
+    centre[:, kk // 2] = 1
+    st = figures.KernelStatistic()
+    st.add("l", centre, win)
+    r = st.result()["l"]
+    assert r["own-class mass"] == pytest.approx(1) and r["excess"] == pytest.approx(0, abs=1e-6)
+    sem = ((win == own) & (win >= 0)).float()
+    sem = sem / sem.sum(1, keepdim=True)
+    st = figures.KernelStatistic()
+    st.add("a", sem, win)
+    st.add("b", uni, win)
+    res = st.result()
+    assert res["a"]["own-class mass"] == pytest.approx(1) and res["a"]["excess"] > 0.2
+    assert res["b"]["excess"] == pytest.approx(0, abs=1e-6)  # the average of uniform kernels is uniform
+    assert res["all"]["locations"] == 2 * res["a"]["locations"]
+    assert res["all"]["excess"] == pytest.approx((res["a"]["excess"] + res["b"]["excess"]) / 2)
+    # the average-kernel mass against a loop: mean kernel over the mixed locations, applied at each of them
+    m = sem.permute(0, 2, 3, 1)[mixed].mean(0)
+    loop = [float((m * (win[b, :, y, x] == own[b, 0, y, x]).float()).sum()) for b, y, x in mixed.nonzero().tolist()]
+    assert res["a"]["average-kernel mass"] == pytest.approx(sum(loop) / len(loop))
+
+
+def test_sau_kernel_statistic_reads_every_sau_layer_of_a_tiny_gaugan():
+    import gaugan
+    info = data.make_dataset("synthetic", None, split="val", size=(32, 64)).info
+    cfg = gaugan.Config(ngf=8, ndf=8, spade_hidden=8, upsample="sau")
+    G = gaugan.build(cfg, info)[0].eval()
+    ds = data.make_dataset("synthetic", None, split="val", size=(32, 64))
+    batches = [next(iter(torch.utils.data.DataLoader(ds, batch_size=2)))]
+    prep = lambda b: data.prepare_batch(b, info, "cpu")
+    res = figures.sau_kernel_statistic(G, gaugan, batches, prep)
+    saus = [n for n, m in G.named_modules() if isinstance(m, figures.sau.SAU)]
+    assert set(res) == set(saus) | {"all"} and len(saus) >= 2
+    assert all(0 < r["share of window"] < 1 and 0 <= r["own-class mass"] <= 1 for r in res.values())
+    cfg_n = gaugan.Config(ngf=8, ndf=8, spade_hidden=8, upsample="nearest")
+    assert figures.sau_kernel_statistic(gaugan.build(cfg_n, info)[0], gaugan, batches, prep) is None

@@ -273,3 +273,21 @@ def test_a_claimed_run_is_left_to_its_holder_and_waited_for(tmp_path, monkeypatc
     assert results[1]["runs"][0]["metrics"]["mIoU"] == 0.77
     assert not list(tmp_path.rglob("*.claim")) or list(tmp_path.rglob("*.claim")) == [
         tmp_path / "runs" / names[1] / "seed0.claim"]  # only the live holder's own claim is left
+
+
+def test_sau_fig5_reads_the_sau_rows_checkpoints(tmp_path, capsys):
+    """tables.py sau_fig5: Fig. 5's statistic of every finished seed of sau_mech's SAU rows, beside the untrained
+    generator; a clear error before sau_mech has run."""
+    with pytest.raises(SystemExit):
+        tables.main(["sau_fig5", "--out", str(tmp_path)])
+    assert "no checkpoint of sau_mech's SAU rows" in capsys.readouterr().err
+    names = _run_names("sau_mech")
+    for seed in (0, 1):
+        train.main(["--model", "gaugan", "--upsample", "sau", "--height", "32", "--width", "64", "--steps", "1",
+                    "--batch_size", "2", "--ngf", "8", "--ndf", "8", "--spade_hidden", "8", "--seed", str(seed),
+                    "--progress", "false", "--out", str(tmp_path / "runs" / names[2] / f"seed{seed}")])
+    rows = tables.sau_kernel_table(tmp_path, num=2, device="cpu")
+    assert [r["row"] for r in rows] == ["GauGAN SAU, expanded window"] and len(rows[0]["trained"]) == 2
+    assert all(0 < s["all"]["share of window"] < 1 for s in rows[0]["trained"])
+    text = (tmp_path / "table_sau_fig5.md").read_text()
+    assert "| GauGAN SAU, expanded window | 2 |" in text
