@@ -66,12 +66,14 @@ EDGE_F1 = ("edge F1", "edge F1 ↑", True, "edgeF1")  # eval.py's edge F-score o
 EMB_RATIO = ("embedding intra/inter ratio", "embedding intra/inter ↓", False, "emb")
 # Mechanism tables: each isolates one claim of the papers at equal budget; no paper numbers (no such experiment
 # there). table -> dict(purpose: the claim and the metric to read, printed above the table; model: None when each
-# row names its own; rows: [(row name, {config field: value})]; columns: extra metric columns (eval.py keys))
+# row names its own; rows: [(row name, {config field: value})]; columns: extra metric columns (eval.py keys);
+# read: the metric the claim is read on, compared seed by seed (paired_lines); pairs: (row, its reference row),
+# default every row against the first)
 MECHANISMS = {
     "sau_mech": dict(
         purpose="LGGAN++ (SAU): semantic-aware upsampling keeps class boundaries sharper than nearest / bilinear; "
                 "read boundary mIoU (upsampling matters at 64x128 and above, the default size here)",
-        model="gaugan", rows=[
+        model="gaugan", read="boundary mIoU", rows=[
             ("GauGAN nearest", dict(upsample="nearest")),
             ("GauGAN bilinear", dict(upsample="bilinear")),
             ("GauGAN SAU, expanded window", dict(upsample="sau", sau_window="expanded")),
@@ -81,7 +83,7 @@ MECHANISMS = {
         purpose="ECGAN Eq. 1: does edge guidance help once edges are good (the canny rows feed the real Canny edges "
                 "to Eq. 1 and G_s; F_e stays generated), and does I' leaving [-1, 1] hurt (eq1_range half)? Read "
                 "mIoU / boundary mIoU against E+G_i, and edge F1 (is G_e learning edges at all?)",
-        model="ecgan", columns=[EDGE_F1], rows=[
+        model="ecgan", columns=[EDGE_F1], read="mIoU", rows=[
             ("E+G_i (reference)", dict(ecgan.TABLE3["E+G_i"])),
             ("E+G_i+G_e+G_t, generated edges, Eq. 1 as written", dict(_EDGES, edge_source="generated",
                                                                        eq1_range="paper")),
@@ -94,7 +96,7 @@ MECHANISMS = {
         purpose="ECGAN Sec. 3.3 claim (ii): the pixel-wise contrastive loss (Eq. 5), and its memory bank across "
                 "images, give a better-structured embedding space and better class-conditional images; read the "
                 "intra- over inter-class embedding distance (rows with G_c), mIoU and patch SWD",
-        model="ecgan", columns=[EMB_RATIO], rows=[
+        model="ecgan", columns=[EMB_RATIO], read="embedding intra/inter ratio", rows=[
             ("ECGAN full", dict(_FULL)),
             ("ECGAN full, no memory bank", dict(_FULL, bank_per_class=0)),
             ("ECGAN without contrast (G_c off)", dict(_FULL, use_contrast=False)),
@@ -102,7 +104,7 @@ MECHANISMS = {
     "classgen_mech": dict(
         purpose="Class-specific generation (LGGAN Eqs. 2-5, ECGAN Eqs. 6-7) claims better small objects; read "
                 "small-object IoU, each model against its own row without it",
-        model=None, rows=[
+        model=None, read="small-object IoU", pairs=[(1, 0), (2, 3)], rows=[
             ("LGGAN B1, global only", dict(model="lggan", **lggan.TABLE9["B1 global only"])),
             ("LGGAN B2, + local (addition)", dict(model="lggan", **lggan.TABLE9["B2 + local, addition (Eq. 4)"])),
             ("ECGAN full (G_c on)", dict(model="ecgan", **_FULL)),
@@ -353,6 +355,23 @@ def tied_for_best(rows, higher=True):
     return [i for i in live if spans[i][0] <= hi and spans[i][1] >= lo]
 
 
+def paired_lines(results, key, pairs=None):
+    """Each row against its reference row on one metric, seed by seed (rows of one seed share the data order and
+    the measurement): the differences, and in how many seeds the row is higher. pairs: [(row, reference row)],
+    default every other row against the first. Seeds missing in either row are left out."""
+    pairs = pairs if pairs is not None else [(i, 0) for i in range(1, len(results))]
+    lines = ["", f"Paired by seed, {key} (row minus its reference; seeds where the row is higher):"]
+    for i, ref in pairs:
+        by_seed = lambda r: {s["seed"]: s["metrics"].get(key) for s in r["runs"]}
+        a, b = by_seed(results[i]), by_seed(results[ref])
+        d = [(seed, a[seed] - b[seed]) for seed in sorted(a) if seed in b and None not in (a[seed], b[seed])
+             and a[seed] == a[seed] and b[seed] == b[seed]]  # NaN: undefined, left out
+        diffs = ", ".join(f"seed {seed}: {v:+.3f}" for seed, v in d) or "n/a"
+        lines.append(f"- {results[i]['row']} vs {results[ref]['row']}: {diffs} "
+                     f"(higher in {sum(v > 0 for _, v in d)} of {len(d)})")
+    return lines
+
+
 def write_table(name, results, out, budget_steps, seeds, seg_desc, info, num, train_args):
     fid_key = "FID (segmenter features)"
     first = results[0]["runs"][0]["metrics"]
@@ -392,6 +411,7 @@ def write_table(name, results, out, budget_steps, seeds, seg_desc, info, num, tr
                      f"{mean_spread(get('mIoU'))} | {mean_spread(get('pixel accuracy'))} | "
                      f"{mean_spread(get(fid_key))} | {t:.0f} | {paper}"
                      + " | ".join(mean_spread(get(k)) for k, _, _, _ in columns) + f" | {best} |")
+    lines += paired_lines(results, mech.get("read", "mIoU"), mech.get("pairs"))
     lines += ["", "Ties (the best row and every row whose range over seeds overlaps it): " + "; ".join(
         f"{short}: {', '.join(results[i]['row'] for i in ties[short]) or 'n/a'}" for _, _, short in scored)]
     text = "\n".join(lines) + "\n"

@@ -291,3 +291,15 @@ def test_sau_fig5_reads_the_sau_rows_checkpoints(tmp_path, capsys):
     assert all(0 < s["all"]["share of window"] < 1 for s in rows[0]["trained"])
     text = (tmp_path / "table_sau_fig5.md").read_text()
     assert "| GauGAN SAU, expanded window | 2 |" in text
+
+
+def test_paired_lines_compare_rows_seed_by_seed():
+    run = lambda seed, v: {"seed": seed, "metrics": {"mIoU": v}}
+    results = [{"row": "A", "runs": [run(0, 0.5), run(1, 0.4), run(2, 0.6)]},
+               {"row": "B", "runs": [run(0, 0.6), run(1, 0.3), run(2, float("nan"))]},
+               {"row": "C", "runs": [run(1, 0.5), run(2, 0.7)]}]
+    lines = tables.paired_lines(results, "mIoU")
+    assert lines[2] == "- B vs A: seed 0: +0.100, seed 1: -0.100 (higher in 1 of 2)"
+    assert lines[3] == "- C vs A: seed 1: +0.100, seed 2: +0.100 (higher in 2 of 2)"
+    assert tables.paired_lines(results, "mIoU", [(0, 2)])[2] == "- A vs C: seed 1: -0.100, seed 2: -0.100 (higher in 0 of 2)"
+    assert tables.MECHANISMS["classgen_mech"]["pairs"] == [(1, 0), (2, 3)]
