@@ -525,20 +525,22 @@ def metric_sanity(ckpt, out, num=64, device="auto", batch_size=8, seed=0, seg_st
 
 
 def sau_kernel_table(out, num=64, device="auto", batch_size=8):
-    """SAU Fig. 5 over many locations, for sau_mech's SAU rows: figures.sau_kernel_statistic of every finished
-    seed's checkpoint (and of the same generator untrained, seed 0) on the first `num` validation images, pooled
-    over the SAU layers. Writes <out>/table_sau_fig5.{md,json}."""
+    """SAU Fig. 5 over many locations, for sau_mech's SAU rows and gaugan12's LGGAN++: figures.sau_kernel_statistic
+    of every finished seed's checkpoint (and of the same generator untrained, seed 0) on the first `num` validation
+    images, pooled over the SAU layers and at the finest one. Writes <out>/table_sau_fig5.{md,json}."""
     import figures
     from evalrun import load_run
     out = Path(out)
     device = pick_device(device)
-    lines, rows = [], []
-    for row, over in table_rows("sau_mech"):
+    lines, rows, seen = [], [], set()
+    for row, over in table_rows("sau_mech") + table_rows("gaugan12"):  # and gaugan12's LGGAN++ row
         over = dict(over)
         model = over.pop("model")
-        if over.get("upsample") != "sau":
+        folder = run_dir(out, model, minimal_over(model, over, []))
+        if over.get("upsample") != "sau" or folder in seen:
             continue
-        ckpts = sorted(run_dir(out, model, minimal_over(model, over, [])).glob("seed*/ckpt_latest.pt"))
+        seen.add(folder)
+        ckpts = sorted(folder.glob("seed*/ckpt_latest.pt"))
         stats, untrained = [], None
         for ckpt in ckpts:
             run = load_run(ckpt, device)
@@ -563,13 +565,17 @@ def sau_kernel_table(out, num=64, device="auto", batch_size=8):
              f"uniform kernel puts there; average-kernel mass: what the layer's mean kernel (same position prior, "
              f"no semantics) puts there; excess = own-class mass - average-kernel mass (> 0: the kernels follow the "
              f"label map).", "",
-             "| row | seeds | locations / seed | " + " | ".join(keys) + " | excess, untrained (seed 0) |",
-             "|---|---|---|" + "---|" * (len(keys) + 1)]
+             "| row | seeds | locations / seed | " + " | ".join(keys) + " | excess, untrained (seed 0) | "
+             "excess at the finest SAU (per seed) |",
+             "|---|---|---|" + "---|" * (len(keys) + 2)]
     for r in rows:
         alls = [s_["all"] for s_ in r["trained"]]
+        # the finest layer: the most locations (several at one resolution, as in LGGAN++'s branches: the first)
+        finest = lambda st: max((v for k, v in st.items() if k != "all"), key=lambda v: v["locations"])
         lines.append(f"| {r['row']} | {len(alls)} | {statistics.fmean(a['locations'] for a in alls):.0f} | "
                      + " | ".join(mean_spread([a[k] for a in alls]) for k in keys)
-                     + f" | {r['untrained']['all']['excess']:.3f} |")
+                     + f" | {r['untrained']['all']['excess']:.3f} | "
+                     + ", ".join(f"{finest(st)['excess']:+.3f}" for st in r["trained"]) + " |")
     text = "\n".join(lines) + "\n"
     print("\n" + text)
     (out / "table_sau_fig5.md").write_text(text)
