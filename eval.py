@@ -143,15 +143,16 @@ def _accumulate(acc, nets, fake, real, label, info, ignore, band_px=0):
 
 @contextlib.contextmanager
 def _shared_feature(G):
-    """For a generator with a projection head (ECGAN with use_contrast): a list that receives F, the shared feature
-    of each forward, via a forward pre-hook on G_c (ecgan.ECGANGenerator.forward calls
-    self.class_generator(feat, masks)); None for other generators. The hook returns nothing, so G's outputs are
-    unchanged; it is removed on exit."""
-    if getattr(G, "projection", None) is None:
+    """For ECGAN (a generator with a GauGAN trunk E feeding its branches): a list that receives F, the shared
+    feature of each forward, via a forward hook on E's last block (ecgan.ECGANGenerator.forward: feat =
+    self.encoder.trunk(...), whose last step is up_3); None for other generators. The hook returns nothing, so G's
+    outputs are unchanged; it is removed on exit."""
+    up_3 = getattr(getattr(G, "encoder", None), "up_3", None)
+    if up_3 is None or not hasattr(G, "image_branch"):
         yield None
         return
     feats = []
-    hook = G.class_generator.register_forward_pre_hook(lambda module, args: feats.append(args[0]))
+    hook = up_3.register_forward_hook(lambda module, args, out: feats.append(out))
     try:
         yield feats
     finally:
@@ -162,11 +163,14 @@ def _contrast_embeddings(G, feat, seg, info, per_class, gen):
     """ECGAN's contrastive embeddings of one batch, as its forward makes Eq. 5's (ecgan.ECGANGenerator.forward):
     pixels of the shared feature F (B, C, H, W), labelled by the input one-hot's argmax, projected by G.projection;
     but at most per_class pixels per class drawn with the seeded gen (balanced_pixels), dontcare left out.
-    Returns embedding_sums of them."""
+    Returns (embedding_sums of the projected pixels, or None without a projection head (no G_c); embedding_sums
+    of the same pixels of F itself, which every ECGAN has: the with / without Eq. 5 comparison)."""
     labels = seg[:, :info.label_nc].argmax(1).flatten()  # (B*H*W,), dontcare = num_classes
     idx = balanced_pixels(labels, per_class, gen, ignore=(info.num_classes,) if info.dontcare else ())
     pixels = feat.permute(0, 2, 3, 1).reshape(-1, feat.shape[1])[idx.to(feat.device)]  # (K, C)
-    return embedding_sums(G.projection(pixels).float(), labels.cpu()[idx], info.num_classes)
+    head = getattr(G, "projection", None)
+    proj = None if head is None else embedding_sums(head(pixels).float(), labels.cpu()[idx], info.num_classes)
+    return proj, embedding_sums(pixels.float(), labels.cpu()[idx], info.num_classes)
 
 
 def generate(run, nets, out, n_total, batch_size, ignore, grid_rows=8, save_images=True, progress=True, band_px=0,
@@ -176,10 +180,10 @@ def generate(run, nets, out, n_total, batch_size, ignore, grid_rows=8, save_imag
     "floor", "pix", "logits"}. Patches: at most patches_per_class per class, seeded (ClassPatches); the floor
     compares the real images of even and odd index. A model whose sample() has an "edge" column (ECGAN's I_e') also
     gets edge F-score counts against the real images' Canny edges within edge_tol pixels ("edge": (2, 4), row 0
-    for its edges, row 1 for an edge map marking every pixel, the baseline). A generator with a projection head
-    (ECGAN with use_contrast) also gets the embedding_sums of at most emb_per_class pixels per class and batch of
-    its shared feature F, projected ("emb"); F is read by a forward pre-hook on G_c (ecgan.ECGANGenerator.forward
-    calls self.class_generator(feat, masks)): sample()'s own forward, no second pass, the same z."""
+    for its edges, row 1 for an edge map marking every pixel, the baseline). ECGAN also gets the embedding_sums of
+    at most emb_per_class pixels per class and batch of its shared feature F ("feat_emb") and, with a projection
+    head (use_contrast), of the same pixels projected ("emb"); F is read by a forward hook on E's last block
+    (_shared_feature): sample()'s own forward, no second pass, the same z."""
     n_cls = eval_classes(run.info)[1]
     patches = lambda names, seed: ClassPatches(n_cls, names, cap=patches_per_class, seed=seed, ignore=ignore)
     acc = {"done": 0, "feats": {"real": [], "fake": []}, "logits": {"real": [], "fake": []},
@@ -213,8 +217,10 @@ def generate(run, nets, out, n_total, batch_size, ignore, grid_rows=8, save_imag
                                  edge_match_counts(torch.ones_like(true), true, edge_tol)])
                 acc["edge"] = c if acc["edge"] is None else acc["edge"] + c
             if feats is not None:  # the first forward's F (use_vae's sample() runs G twice, the second with prior z)
-                e = _contrast_embeddings(G, feats[0], b["input"], run.info, emb_per_class, gen)
-                acc["emb"] = e if acc["emb"] is None else tuple(x + y for x, y in zip(acc["emb"], e))
+                for key, e in zip(("emb", "feat_emb"), _contrast_embeddings(G, feats[0], b["input"], run.info,
+                                                                             emb_per_class, gen)):
+                    if e is not None:
+                        acc[key] = e if acc.get(key) is None else tuple(x + y for x, y in zip(acc[key], e))
                 feats.clear()
             acc["done"] += k
             bar.update(k)
@@ -313,15 +319,18 @@ def measure(run, nets, acc, ignore, notes, band_px=0, small_ids=(), num_proj=128
         key = "edge F1 (every pixel an edge: baseline)"  # Canny maps of small images are dense: what a useless
         metrics[key] = edge_fscore(acc["edge"][1])[2]     # edge map scores
         protocol[key] = "an edge map marking every pixel, scored as above"
-    if acc.get("emb") is not None:  # ECGAN Sec. 3.3 (ii): intra-class compactness and inter-class dispersion
-        st, n = structure_from_sums(*acc["emb"]), acc["emb"][2]
-        how = (f"G's shared feature F at {hw} through its projection head, L2-normalised (Eq. 4): at most "
+    for acc_key, name, space in (("emb", "embedding", "through its projection head, L2-normalised (Eq. 4)"),
+                                 ("feat_emb", "feature F", "itself (no projection: every ECGAN has it), L2-normalised")):
+        if acc.get(acc_key) is None:  # ECGAN Sec. 3.3 (ii): intra-class compactness and inter-class dispersion
+            continue
+        st, n = structure_from_sums(*acc[acc_key]), acc[acc_key][2]
+        how = (f"G's shared feature F at {hw} {space}: at most "
                f"{acc['emb_per_class']} pixels per class and batch (seeded, dontcare left out), {int(n.sum())} "
                f"pixels of {int((n > 0).sum())} classes over {done} images; cosine distance 1 - cos over pairs of "
                f"distinct pixels, mean per class then over classes (inter: over class pairs); ratio intra / inter, "
                f"lower: more compact and dispersed classes")
-        for key, k in (("embedding intra-class cosine distance", "intra"),
-                       ("embedding inter-class cosine distance", "inter"), ("embedding intra/inter ratio", "ratio")):
+        for key, k in ((f"{name} intra-class cosine distance", "intra"),
+                       (f"{name} inter-class cosine distance", "inter"), (f"{name} intra/inter ratio", "ratio")):
             metrics[key], protocol[key] = st[k], how
     if info.task == "crossview":
         for key, vals in acc["pix"].items():

@@ -64,6 +64,8 @@ _FULL, _EDGES = ecgan.TABLE3["E+G_i+G_e+G_t+G_s+G_l+G_c"], ecgan.TABLE3["E+G_i+G
 EDGE_F1 = ("edge F1", "edge F1 ↑", True, "edgeF1")  # eval.py's edge F-score of G_e's I_e' vs Canny of the real image
 # eval.py's intra- over inter-class cosine distance of G_c's projected pixels (ECGAN with use_contrast only)
 EMB_RATIO = ("embedding intra/inter ratio", "embedding intra/inter ↓", False, "emb")
+# the same of the shared feature F itself (no projection head), which every ECGAN has: with vs without Eq. 5
+FEAT_RATIO = ("feature F intra/inter ratio", "F intra/inter ↓", False, "F")
 # Mechanism tables: each isolates one claim of the papers at equal budget; no paper numbers (no such experiment
 # there). table -> dict(purpose: the claim and the metric to read, printed above the table; model: None when each
 # row names its own; rows: [(row name, {config field: value})]; columns: extra metric columns (eval.py keys);
@@ -95,8 +97,9 @@ MECHANISMS = {
     "contrast_mech": dict(
         purpose="ECGAN Sec. 3.3 claim (ii): the pixel-wise contrastive loss (Eq. 5), and its memory bank across "
                 "images, give a better-structured embedding space and better class-conditional images; read the "
-                "intra- over inter-class embedding distance (rows with G_c), mIoU and patch SWD",
-        model="ecgan", columns=[EMB_RATIO], read="embedding intra/inter ratio", rows=[
+                "intra- over inter-class cosine distance of the shared feature F (every row) and of its projection "
+                "(rows with G_c), mIoU and patch SWD",
+        model="ecgan", columns=[FEAT_RATIO, EMB_RATIO], read="feature F intra/inter ratio", rows=[
             ("ECGAN full", dict(_FULL)),
             ("ECGAN full, no memory bank", dict(_FULL, bank_per_class=0)),
             ("ECGAN without contrast (G_c off)", dict(_FULL, use_contrast=False)),
@@ -161,9 +164,13 @@ def train_and_measure(argv, run, seg_path, num, device, segmenter_ready=lambda: 
     train.main(argv)
     t_train = time.time() - t0
     segmenter_ready()
-    res = evaluation.evaluate(run / "ckpt_latest.pt", out=run / "eval", num=num, segmenter=str(seg_path),
-                              save_images=False, progress=False, device=device)
-    return {"train_s": t_train, "metrics": res["metrics"]}
+    return {"train_s": t_train, "metrics": measure(run, seg_path, num, device)}
+
+
+def measure(run, seg_path, num, device):
+    """eval.evaluate's metrics of a run's checkpoint with the table's segmenter."""
+    return evaluation.evaluate(run / "ckpt_latest.pt", out=run / "eval", num=num, segmenter=str(seg_path),
+                               save_images=False, progress=False, device=device)["metrics"]
 
 
 def _write_json(path, obj):
@@ -247,11 +254,12 @@ def _once(path, make):
 
 
 def run_table(name, budget_steps, seeds, out, train_args=(), height=64, width=128, dataset="synthetic", num=64,
-              seg_steps=None, gl_steps=300, device="auto", dataroot=None, poll_s=10, wait=True):
+              seg_steps=None, gl_steps=300, device="auto", dataroot=None, poll_s=10, wait=True, remeasure=False):
     """Train and measure every (row, seed) of one table that has no result yet, then render the table. Runs live in
     <out>/runs/<model>_<flags>/seed<k> (run_dir), shared across tables; several tables.py processes can work at once
     (each run is claimed), and one that finds a run claimed by a live process does others first, then waits for it
-    (wait=False: returns None instead, so that the caller can do other tables first)."""
+    (wait=False: returns None instead, so that the caller can do other tables first). remeasure: measure the
+    finished runs' checkpoints again (metrics added to eval.py since), keeping their training and train_s."""
     import data
     import train
     out = Path(out)
@@ -300,7 +308,7 @@ def run_table(name, budget_steps, seeds, out, train_args=(), height=64, width=12
             if (row, seed) in found:
                 continue
             done = _done(run / "result.json", settings)
-            if done is not None:
+            if done is not None and not remeasure:
                 print(f"[{name}] {row}, seed {seed}: done ({run / 'result.json'}), skipped", flush=True)
                 found[row, seed] = done["result"]
                 continue
@@ -314,6 +322,12 @@ def run_table(name, budget_steps, seeds, out, train_args=(), height=64, width=12
                     # the measuring segmenter is trained (or found cached) by the first run to finish training
                     result = {"seed": seed, **train_and_measure(argv, run, seg_path, num, device,
                                                                 lambda: _once(seg_path, lambda p: measurer()))}
+                    _write_json(run / "result.json", {"settings": settings, "result": result})
+                    trained = True
+                elif remeasure:
+                    print(f"[{name}] {row}, seed {seed}: measuring {run / 'ckpt_latest.pt'} again", flush=True)
+                    _once(seg_path, lambda p: measurer())
+                    result = {**done["result"], "metrics": measure(run, seg_path, num, device)}
                     _write_json(run / "result.json", {"settings": settings, "result": result})
                     trained = True
                 else:
@@ -605,6 +619,9 @@ def main(argv=None):
                    help="steps of the measuring segmenter (trained once; default: scaled to the data)")
     p.add_argument("--gl_steps", type=int, default=300, help="steps of ECGAN's label generator G_l (trained once)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--remeasure", action="store_true",
+                   help="measure the finished runs' checkpoints again (e.g. for a metric eval.py gained since), "
+                        "keeping their training; runs not yet finished are trained as usual")
     args, train_args = p.parse_known_args(argv)
     if "sau_fig5" in args.table:
         if args.table != ["sau_fig5"]:
@@ -639,7 +656,7 @@ def main(argv=None):
     try:
         build = lambda name, wait: run_table(name, args.budget_steps, args.seeds, args.out, train_args, height, width,
                                              args.dataset, args.num, args.seg_steps, args.gl_steps, args.device,
-                                             args.dataroot, wait=wait)
+                                             args.dataroot, wait=wait, remeasure=args.remeasure)
         # first every table's unclaimed runs (another process may hold some), then each table once it is complete
         first = {name: build(name, wait=False) for name in args.table}
         return [first[name] if first[name] is not None else build(name, wait=True) for name in args.table]

@@ -805,7 +805,7 @@ def test_eval_reports_embedding_structure_for_ecgan_with_contrast_only(tmp_path)
     m = res["metrics"]
     from evalrun import load_run
     run = load_run(ckpt, torch.device("cpu"))
-    gen, embs, labs = torch.Generator().manual_seed(0), [], []
+    gen, embs, raw, labs = torch.Generator().manual_seed(0), [], [], []
     with torch.no_grad():
         for i in (0, 2):
             b = run.prepare(torch.utils.data.default_collate([run.val[i], run.val[i + 1]]))
@@ -814,9 +814,14 @@ def test_eval_reports_embedding_structure_for_ecgan_with_contrast_only(tmp_path)
             lab = b["input"][:, :info.label_nc].argmax(1).flatten()
             idx = metrics.balanced_pixels(lab, 5, gen, ignore=(info.num_classes,) if info.dontcare else ())
             assert torch.bincount(lab[idx]).max() <= 5 and len(lab[idx].unique()) >= 2
-            embs.append(run.G.projection(feat.permute(0, 2, 3, 1).reshape(-1, feat.shape[1])[idx]))
+            raw.append(feat.permute(0, 2, 3, 1).reshape(-1, feat.shape[1])[idx])
+            embs.append(run.G.projection(raw[-1]))
             labs.append(lab[idx])
     intra, inter, _, _ = _naive_structure(torch.cat(embs), torch.cat(labs))
+    f_intra, f_inter, _, _ = _naive_structure(torch.cat(raw), torch.cat(labs))  # F itself, without G_c's head
+    assert m["feature F intra/inter ratio"] == pytest.approx(f_intra / f_inter, rel=1e-5)
+    assert m["feature F intra-class cosine distance"] == pytest.approx(f_intra, rel=1e-5)
+    assert abs(m["feature F intra/inter ratio"] - m["embedding intra/inter ratio"]) > 1e-3  # two spaces
     assert m["embedding intra-class cosine distance"] == pytest.approx(intra, rel=1e-5)
     assert m["embedding inter-class cosine distance"] == pytest.approx(inter, rel=1e-5)
     assert m["embedding intra/inter ratio"] == pytest.approx(intra / inter, rel=1e-5)
@@ -827,7 +832,15 @@ def test_eval_reports_embedding_structure_for_ecgan_with_contrast_only(tmp_path)
     _tiny_gaugan_checkpoint(ckpt2)
     res2 = evaluation.evaluate(ckpt2, out=tmp_path / "eval2", num=2, batch_size=2, seg_steps=0, save_images=False,
                                progress=False, device="cpu", patches_per_class=16)
-    assert not any(k.startswith("embedding") for k in res2["metrics"])
+    assert not any(k.startswith(("embedding", "feature F")) for k in res2["metrics"])
+    # without G_c (no projection head, no Eq. 5) only F's own structure: the with / without comparison
+    (tmp_path / "nogc").mkdir()
+    ckpt3 = _untrained_ecgan_checkpoint(tmp_path / "nogc", ecgan.ECGANConfig(
+        ngf=8, ndf=4, n_layers_D=2, use_label_gen=False, use_contrast=False), info)
+    res3 = evaluation.evaluate(ckpt3, out=tmp_path / "eval3", num=4, batch_size=2, seg_steps=0, save_images=False,
+                               progress=False, device="cpu", patches_per_class=16, emb_per_class=5)
+    assert not any(k.startswith("embedding") for k in res3["metrics"])
+    assert 0 < res3["metrics"]["feature F intra/inter ratio"] < 2
 
 
 def test_contrast_embeddings_leave_dontcare_out():
@@ -837,8 +850,9 @@ def test_contrast_embeddings_leave_dontcare_out():
     seg = torch.nn.functional.one_hot(lab, 3).permute(0, 3, 1, 2).float()
     feat = torch.randn(1, 4, 2, 4)
     G = SimpleNamespace(projection=lambda x: x)
-    s, q, n = evaluation._contrast_embeddings(G, feat, seg, info, 10, torch.Generator().manual_seed(0))
+    (s, q, n), raw = evaluation._contrast_embeddings(G, feat, seg, info, 10, torch.Generator().manual_seed(0))
     assert n.tolist() == [3, 2]  # every pixel of classes 0 and 1, none of dontcare
+    assert all(torch.equal(a, b) for a, b in zip(raw, (s, q, n)))  # identity head: F's sums are the same
     z = torch.nn.functional.normalize(feat.permute(0, 2, 3, 1).reshape(-1, 4).double(), dim=1)
     assert torch.allclose(s[1], z[lab.flatten() == 1].sum(0))
 

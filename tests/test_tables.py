@@ -225,7 +225,7 @@ def test_undefined_values_are_left_out_of_spreads_and_ties():
     assert tables.mean_spread([0.5, nan, None, 0.7]) == "0.600 ± 0.100"
     assert tables.mean_spread([nan, None]) == "n/a"
     assert tables.tied_for_best([[nan], [0.2, 0.3], [0.5, 0.6]], higher=False) == [1]
-    assert tables.MECHANISMS["contrast_mech"]["columns"] == [tables.EMB_RATIO]
+    assert tables.MECHANISMS["contrast_mech"]["columns"] == [tables.FEAT_RATIO, tables.EMB_RATIO]
 
 
 def test_tables_share_runs_of_one_configuration_and_defaults_are_dropped():
@@ -303,3 +303,23 @@ def test_paired_lines_compare_rows_seed_by_seed():
     assert lines[3] == "- C vs A: seed 1: +0.100, seed 2: +0.100 (higher in 2 of 2)"
     assert tables.paired_lines(results, "mIoU", [(0, 2)])[2] == "- A vs C: seed 1: -0.100, seed 2: -0.100 (higher in 0 of 2)"
     assert tables.MECHANISMS["classgen_mech"]["pairs"] == [(1, 0), (2, 3)]
+
+
+def test_remeasure_keeps_the_training_and_replaces_the_metrics(tmp_path, monkeypatch):
+    import segmenter_train
+    monkeypatch.setattr(segmenter_train, "find_segmenter", lambda *a, **k: (None, "no segmenter (test)"))
+    kw = dict(height=32, width=64, num=2, device="cpu")
+    calls = []
+    monkeypatch.setattr(tables, "train_and_measure", _fake_runner(calls))
+    tables.run_table("contrast_mech", 2, [0, 1], tmp_path, **kw)
+    assert len(calls) == 6
+    measured = []
+    monkeypatch.setattr(tables, "measure", lambda run, *a: measured.append(run) or {"mIoU": 0.9, "feature F "
+                                                                                   "intra/inter ratio": 0.5})
+    calls2 = []
+    monkeypatch.setattr(tables, "train_and_measure", _fake_runner(calls2))
+    results = tables.run_table("contrast_mech", 2, [0, 1], tmp_path, remeasure=True, **kw)
+    assert calls2 == [] and len(measured) == 6  # nothing trained again, every run measured again
+    assert all(s["metrics"]["mIoU"] == 0.9 and s["train_s"] == 1.0 for r in results for s in r["runs"])
+    saved = json.loads((measured[0] / "result.json").read_text())["result"]
+    assert saved["metrics"]["feature F intra/inter ratio"] == 0.5 and saved["train_s"] == 1.0
