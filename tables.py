@@ -103,6 +103,7 @@ MECHANISMS = {
             ("ECGAN full", dict(_FULL)),
             ("ECGAN full, no memory bank", dict(_FULL, bank_per_class=0)),
             ("ECGAN without contrast (G_c off)", dict(_FULL, use_contrast=False)),
+            ("ECGAN full, Eq. 5 off (G_c's class images kept)", dict(_FULL, lambda_l=0.0)),  # the loss alone
         ]),
     "classgen_mech": dict(
         purpose="Class-specific generation (LGGAN Eqs. 2-5, ECGAN Eqs. 6-7) claims better small objects; read "

@@ -184,7 +184,8 @@ def test_mechanism_tables_isolate_their_switch():
             ecgan.TABLE3["E+G_i+G_e+G_t"]
     full = dict(model="ecgan", **ecgan.TABLE3["E+G_i+G_e+G_t+G_s+G_l+G_c"])
     assert [o for _, o in tables.table_rows("contrast_mech")] == [full, dict(full, bank_per_class=0),
-                                                                  dict(full, use_contrast=False)]
+                                                                  dict(full, use_contrast=False),
+                                                                  dict(full, lambda_l=0.0)]  # Eq. 5 alone off
     cg = [o for _, o in tables.table_rows("classgen_mech")]
     assert cg[0] == dict(model="lggan", local=False) and cg[1]["model"] == "lggan" and cg[1].get("local", True)
     assert cg[2:] == [full, dict(full, use_contrast=False)]
@@ -312,14 +313,14 @@ def test_remeasure_keeps_the_training_and_replaces_the_metrics(tmp_path, monkeyp
     calls = []
     monkeypatch.setattr(tables, "train_and_measure", _fake_runner(calls))
     tables.run_table("contrast_mech", 2, [0, 1], tmp_path, **kw)
-    assert len(calls) == 6
+    assert len(calls) == 8
     measured = []
     monkeypatch.setattr(tables, "measure", lambda run, *a: measured.append(run) or {"mIoU": 0.9, "feature F "
                                                                                    "intra/inter ratio": 0.5})
     calls2 = []
     monkeypatch.setattr(tables, "train_and_measure", _fake_runner(calls2))
     results = tables.run_table("contrast_mech", 2, [0, 1], tmp_path, remeasure=True, **kw)
-    assert calls2 == [] and len(measured) == 6  # nothing trained again, every run measured again
+    assert calls2 == [] and len(measured) == 8  # nothing trained again, every run measured again
     assert all(s["metrics"]["mIoU"] == 0.9 and s["train_s"] == 1.0 for r in results for s in r["runs"])
     saved = json.loads((measured[0] / "result.json").read_text())["result"]
     assert saved["metrics"]["feature F intra/inter ratio"] == 0.5 and saved["train_s"] == 1.0
