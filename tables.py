@@ -220,24 +220,28 @@ def run_dir(out, model, over):
 
 def _claim(path):
     """Take the claim file of one run (so two tables.py processes never train the same one), or None if a live
-    process holds it. A claim left by a dead process (a stopped sitting) is taken over."""
+    process holds it. A claim left by a dead process (a stopped sitting) is taken over. The file appears with the
+    holder's pid already in it (written aside, then hard-linked into place, which fails if the name exists), so a
+    reader never sees an empty claim."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
+    mine = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    mine.write_text(str(os.getpid()))
+    try:
+        for _ in range(2):
             try:
-                os.kill(int(path.read_text() or 0), 0)
-                return None  # alive: its holder trains it
-            except (ProcessLookupError, ValueError):
-                path.unlink(missing_ok=True)  # stale (or half-written by a process that died at once)
-                continue
-            except PermissionError:
-                return None  # alive, another user's
-        os.write(fd, str(os.getpid()).encode())
-        os.close(fd)
-        return path
-    return None
+                os.link(mine, path)
+                return path
+            except FileExistsError:
+                try:
+                    os.kill(int(path.read_text()), 0)
+                    return None  # alive: its holder trains it
+                except (ProcessLookupError, ValueError, FileNotFoundError):
+                    path.unlink(missing_ok=True)  # stale (its holder died), or released while we looked: retry
+                except PermissionError:
+                    return None  # alive, another user's
+        return None
+    finally:
+        mine.unlink(missing_ok=True)
 
 
 def _once(path, make):

@@ -1,5 +1,6 @@
 """tables.py: every row of every table is a valid train.py command that sets what the row says."""
 import json
+import os
 import sys
 
 import pytest
@@ -324,3 +325,14 @@ def test_remeasure_keeps_the_training_and_replaces_the_metrics(tmp_path, monkeyp
     assert all(s["metrics"]["mIoU"] == 0.9 and s["train_s"] == 1.0 for r in results for s in r["runs"])
     saved = json.loads((measured[0] / "result.json").read_text())["result"]
     assert saved["metrics"]["feature F intra/inter ratio"] == 0.5 and saved["train_s"] == 1.0
+
+
+def test_claim_is_written_whole_and_released(tmp_path):
+    """A claim file holds its pid from the moment it exists; a second claim of a live holder fails; a garbled one
+    (no pid) is taken over; no temp file is left."""
+    path = tmp_path / "seed0.claim"
+    assert tables._claim(path) == path and path.read_text() == str(os.getpid())
+    assert tables._claim(path) is None  # held by this (live) process
+    path.write_text("garbled")
+    assert tables._claim(path) == path and path.read_text() == str(os.getpid())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seed0.claim"]
