@@ -628,24 +628,17 @@ def main(argv=None):
                    help="measure the finished runs' checkpoints again (e.g. for a metric eval.py gained since), "
                         "keeping their training; runs not yet finished are trained as usual")
     args, train_args = p.parse_known_args(argv)
-    if "sau_fig5" in args.table:
-        if args.table != ["sau_fig5"]:
-            p.error("sau_fig5 runs alone: python tables.py sau_fig5 --out DIR (after sau_mech)")
-        try:
-            return sau_kernel_table(args.out, args.num, args.device)
-        except (EvalError, ValueError) as e:
-            print(f"tables.py: error: {one_line(e)}", file=sys.stderr)
-            sys.exit(2)
-    if "sanity" in args.table:
-        if args.table != ["sanity"]:
-            p.error("sanity runs alone: python tables.py sanity --ckpt RUN/ckpt_latest.pt")
+    alone = {"sanity": "python tables.py sanity --ckpt RUN/ckpt_latest.pt",
+             "sau_fig5": "python tables.py sau_fig5 --out DIR (after sau_mech)"}
+    for name, usage in alone.items():
+        if name in args.table and args.table != [name]:
+            p.error(f"{name} runs alone: {usage}")
+    if args.table == ["sanity"]:
         if not args.ckpt:
             p.error("sanity: --ckpt RUN/ckpt_latest.pt (a trained checkpoint) is required")
-        try:
-            return metric_sanity(args.ckpt, args.out, args.num, args.device, seg_steps=args.seg_steps)
-        except (EvalError, ValueError) as e:
-            print(f"tables.py: error: {one_line(e)}", file=sys.stderr)
-            sys.exit(2)
+        return _or_exit(lambda: metric_sanity(args.ckpt, args.out, args.num, args.device, seg_steps=args.seg_steps))
+    if args.table == ["sau_fig5"]:
+        return _or_exit(lambda: sau_kernel_table(args.out, args.num, args.device))
     if args.budget_steps is None:
         p.error(f"{' '.join(args.table)}: --budget_steps N is required")
     for name in ("budget_steps", "num", "seg_steps", "gl_steps"):
@@ -658,14 +651,21 @@ def main(argv=None):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device is visible")
     height, width = data.default_size(args.dataset, args.height, args.width, small=True)
-    try:
-        build = lambda name, wait: run_table(name, args.budget_steps, args.seeds, args.out, train_args, height, width,
-                                             args.dataset, args.num, args.seg_steps, args.gl_steps, args.device,
-                                             args.dataroot, wait=wait, remeasure=args.remeasure)
-        # first every table's unclaimed runs (another process may hold some), then each table once it is complete
+    build = lambda name, wait: run_table(name, args.budget_steps, args.seeds, args.out, train_args, height, width,
+                                         args.dataset, args.num, args.seg_steps, args.gl_steps, args.device,
+                                         args.dataroot, wait=wait, remeasure=args.remeasure)
+
+    def build_all():  # first every table's unclaimed runs (another process may hold some), then each one complete
         first = {name: build(name, wait=False) for name in args.table}
         return [first[name] if first[name] is not None else build(name, wait=True) for name in args.table]
-    except (EvalError, train.ConfigError, train.CheckpointError, ValueError) as e:
+    return _or_exit(build_all, train.ConfigError, train.CheckpointError)
+
+
+def _or_exit(job, *errors):
+    """job()'s value; a bad input it finds (EvalError, ValueError or one of `errors`) is one line and exit code 2."""
+    try:
+        return job()
+    except (EvalError, ValueError, *errors) as e:
         print(f"tables.py: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
 
