@@ -278,20 +278,18 @@ class KernelStatistic:
     def result(self):
         """{layer: {"locations", "own-class mass", "share of window", "average-kernel mass", "excess"}}, excess =
         own-class mass - average-kernel mass; "all" pools the layers (weighted by locations)."""
-        out, pooled = {}, dict(n=0, mass=0.0, share=0.0, avg=0.0)
+        summary = lambda n, mass, share, avg: {"locations": n, "own-class mass": mass / n, "share of window": share / n,
+                                               "average-kernel mass": avg / n, "excess": (mass - avg) / n}
+        out, pooled = {}, [0, 0.0, 0.0, 0.0]  # sums over layers: locations, mass, share, average-kernel mass
         for name, a in self.sums.items():
             if a["n"] == 0:
                 continue
             avg = float((a["kern"] / a["n"] * a["ind"]).sum())    # sum_loc <mean kernel, indicator_loc>
-            out[name] = {"locations": a["n"], "own-class mass": a["mass"] / a["n"],
-                         "share of window": a["share"] / a["n"], "average-kernel mass": avg / a["n"],
-                         "excess": (a["mass"] - avg) / a["n"]}
-            for key, v in (("n", a["n"]), ("mass", a["mass"]), ("share", a["share"]), ("avg", avg)):
-                pooled[key] += v
-        if pooled["n"]:
-            n = pooled["n"]
-            out["all"] = {"locations": n, "own-class mass": pooled["mass"] / n, "share of window": pooled["share"] / n,
-                          "average-kernel mass": pooled["avg"] / n, "excess": (pooled["mass"] - pooled["avg"]) / n}
+            sums = (a["n"], a["mass"], a["share"], avg)
+            out[name] = summary(*sums)
+            pooled = [x + y for x, y in zip(pooled, sums)]
+        if pooled[0]:
+            out["all"] = summary(*pooled)
         return out
 
 
