@@ -306,9 +306,24 @@ def run_table(name, budget_steps, seeds, out, train_args=(), height=64, width=12
                     "--sample_every", str(budget_steps), "--ckpt_every", str(budget_steps),
                     *flags(over), *extra, *train_args]
             jobs.append((row, seed, run, settings, argv))
+    ready = lambda: _once(seg_path, lambda p: measurer())  # trained (or found cached) by the first run to need it
+    found = _collect(name, jobs, seg_path, num, device, ready, poll_s, wait, remeasure)
+    if found is None:
+        return None
+    ready()
+    seg_desc = measurer()[1]
+    results = [{"row": row, "model": model, "flags": " ".join(flags(over)),
+                "runs": [found[row, seed] for seed in seeds]} for row, model, over in rows]
+    return write_table(name, results, out, budget_steps, seeds, seg_desc, info, num, train_args)
+
+
+def _collect(name, jobs, seg_path, num, device, segmenter_ready, poll_s, wait, remeasure):
+    """{(row, seed): result} of every job (row, seed, run folder, settings, train.py argv): read when saved, else
+    claimed, trained and measured (or measured again with remeasure); a job another process holds is waited for
+    (None instead with wait=False, once nothing else is left to do)."""
     found, waiting = {}, False
     while len(found) < len(jobs):
-        trained = False
+        progressed = False
         for row, seed, run, settings, argv in jobs:
             if (row, seed) in found:
                 continue
@@ -324,23 +339,20 @@ def run_table(name, budget_steps, seeds, out, train_args=(), height=64, width=12
                 done = _done(run / "result.json", settings)  # it may have finished since the check above
                 if done is None:
                     print(f"[{name}] {row}, seed {seed}: python train.py {' '.join(argv)}", flush=True)
-                    # the measuring segmenter is trained (or found cached) by the first run to finish training
-                    result = {"seed": seed, **train_and_measure(argv, run, seg_path, num, device,
-                                                                lambda: _once(seg_path, lambda p: measurer()))}
-                    _write_json(run / "result.json", {"settings": settings, "result": result})
-                    trained = True
+                    result = {"seed": seed, **train_and_measure(argv, run, seg_path, num, device, segmenter_ready)}
                 elif remeasure:
                     print(f"[{name}] {row}, seed {seed}: measuring {run / 'ckpt_latest.pt'} again", flush=True)
-                    _once(seg_path, lambda p: measurer())
+                    segmenter_ready()
                     result = {**done["result"], "metrics": measure(run, seg_path, num, device)}
-                    _write_json(run / "result.json", {"settings": settings, "result": result})
-                    trained = True
                 else:
                     result = done["result"]
+                if done is None or remeasure:
+                    _write_json(run / "result.json", {"settings": settings, "result": result})
+                    progressed = True
                 found[row, seed] = result
             finally:
                 claim.unlink(missing_ok=True)
-        if len(found) < len(jobs) and not trained:
+        if len(found) < len(jobs) and not progressed:
             if not wait:
                 return None
             if not waiting:
@@ -348,11 +360,7 @@ def run_table(name, budget_steps, seeds, out, train_args=(), height=64, width=12
                       flush=True)
             waiting = True
             time.sleep(poll_s)
-    _once(seg_path, lambda p: measurer())
-    seg_desc = measurer()[1]
-    results = [{"row": row, "model": model, "flags": " ".join(flags(over)),
-                "runs": [found[row, seed] for seed in seeds]} for row, model, over in rows]
-    return write_table(name, results, out, budget_steps, seeds, seg_desc, info, num, train_args)
+    return found
 
 
 # The new metrics, after the papers' columns: (metric key in eval's metrics.json, column, higher is better, short)
